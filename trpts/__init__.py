@@ -1,0 +1,52 @@
+"""trpts: Task-Relevant Parameter and Token Selection for fine-tuning Vision Transformers.
+
+Typical use in your own training loop::
+
+    fisher = trpts.compute_fisher(model, loader, num_batches=8)
+    selection = trpts.allocate_connections(fisher, budget=0.005)
+    handle = trpts.apply_masks(model, selection)
+    optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-3)
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .allocation import MatrixAllocation, Selection, allocate_connections
+from .errors import (
+    TrptsError,
+    TrptsKeyError,
+    TrptsRuntimeError,
+    TrptsTypeError,
+    TrptsValueError,
+    TrptsWarning,
+    UnsupportedModelError,
+    WeightDecayError,
+)
+from .fisher import compute_fisher, default_scored_parameters
+from .masking import MaskHandle, apply_masks, get_mask_handle
+
+try:
+    __version__ = version("trpts")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "MaskHandle",
+    "MatrixAllocation",
+    "Selection",
+    "TrptsError",
+    "TrptsKeyError",
+    "TrptsRuntimeError",
+    "TrptsTypeError",
+    "TrptsValueError",
+    "TrptsWarning",
+    "UnsupportedModelError",
+    "WeightDecayError",
+    "__version__",
+    "allocate_connections",
+    "apply_masks",
+    "compute_fisher",
+    "default_scored_parameters",
+    "get_mask_handle",
+]

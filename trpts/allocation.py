@@ -1,0 +1,432 @@
+"""Layer-wise allocation of trainable connections (paper eq. 3-6).
+
+1. Eq. 3: take the global top-M % of Fisher scores; layer ``l``'s share ``w_l`` is the
+   fraction of that set that falls in ``l``.
+2. Eq. 4: ``C_l = round(C_min * w_l / min(w))``, with the decisions documented in
+   ``docs/method.md``: ``min(w)`` is the smallest *positive* share (a layer with none of
+   the top-M % is treated as the least important one, so it gets ``C_min``), rounding is
+   half-up, and ``1 <= C_l <= fan_in``.
+3. Eq. 5: every output neuron (row of the weight; a conv kernel is ``[out, in*kh*kw]``)
+   keeps its ``C_l`` highest-scoring input connections, ties broken by lower column.
+
+``budget=`` solves eq. 4's scale for a target fraction of scored weights instead of
+taking ``C_min`` as given.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import canonical_name, fmt_count, unwrap_model
+from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError, TrptsWarning
+from .models import block_index_from_name, find_adapter
+
+__all__ = ["MatrixAllocation", "Selection", "allocate_connections"]
+
+SELECTION_FORMAT = 1
+Unit = Literal["matrix", "block"]
+
+
+@dataclass(frozen=True)
+class MatrixAllocation:
+    """Allocation report for one scored weight tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: int  # output neurons
+    fan_in: int  # input connections per neuron (in * kh * kw for a conv)
+    layer: str  # the allocation unit it belongs to (its own name, or "block.<i>")
+    block: int | None  # transformer block index, None outside the blocks
+    share: float  # w_l of its layer (eq. 3)
+    connections: int  # C_l after rounding and the 1..fan_in cap (eq. 4)
+
+    @property
+    def count(self) -> int:
+        """Selected entries: ``rows * connections`` (eq. 6)."""
+        return self.rows * self.connections
+
+
+class Selection(Mapping[str, Tensor]):
+    """Which entries of which weights are trainable: a read-only ``name -> bool mask`` mapping.
+
+    Stored compactly as per-row column indices (``int64 [rows, C_l]``, sorted); masks
+    (``torch.bool``, the parameter's shape, True = trainable) are built on access. The
+    same object drives gradient masks (:func:`trpts.apply_masks`) or compact value
+    vectors (:meth:`flat_indices`).
+    """
+
+    def __init__(self, indices: Mapping[str, Tensor], matrices: Mapping[str, MatrixAllocation],
+                 config: Mapping[str, Any]):
+        if set(indices) != set(matrices):
+            raise TrptsValueError("indices and matrices must have the same keys")
+        self._indices = {n: indices[n] for n in matrices}
+        self._matrices = dict(matrices)
+        self._config = dict(config)
+
+    # ---- Mapping interface ------------------------------------------------------------
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._matrices:
+            raise TrptsKeyError(f"{name!r} is not in this selection (it has {len(self)} weights)")
+        info = self._matrices[name]
+        mask = torch.zeros(info.rows, info.fan_in, dtype=torch.bool)
+        mask.scatter_(1, self._indices[name], True)
+        return mask.view(info.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._matrices)
+
+    def __len__(self) -> int:
+        return len(self._matrices)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Selection):
+            return NotImplemented
+        return (self._matrices == other._matrices and all(
+            torch.equal(self._indices[n], other._indices[n]) for n in self._matrices))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # ---- compact views -------------------------------------------------------------------
+    def indices(self, name: str) -> Tensor:
+        """Sorted selected columns of each row: ``int64 [rows, C_l]`` (a copy)."""
+        return self._indices[name].clone()
+
+    def flat_indices(self, name: str) -> Tensor:
+        """Selected positions in ``param.view(-1)``: ``int64 [rows * C_l]``, ascending."""
+        info = self._matrices[name]
+        rows = torch.arange(info.rows, dtype=torch.int64).unsqueeze(1)
+        return (rows * info.fan_in + self._indices[name]).view(-1)
+
+    # ---- reports ------------------------------------------------------------------------
+    @property
+    def matrices(self) -> dict[str, MatrixAllocation]:
+        """Per-weight report (shape, fan-in, layer, block, share ``w_l``, ``C_l``, count)."""
+        return dict(self._matrices)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings the selection was made with (top_percent, unit, scale, budget, ...)."""
+        return dict(self._config)
+
+    @property
+    def num_selected(self) -> int:
+        return sum(m.count for m in self._matrices.values())
+
+    @property
+    def num_scored(self) -> int:
+        return sum(m.rows * m.fan_in for m in self._matrices.values())
+
+    @property
+    def fraction(self) -> float:
+        """Selected / scored weights."""
+        return self.num_selected / max(1, self.num_scored)
+
+    @property
+    def block_counts(self) -> dict[int, int]:
+        """Selected weights per transformer block (block index -> count), ascending index."""
+        counts: dict[int, int] = {}
+        for m in self._matrices.values():
+            if m.block is not None:
+                counts[m.block] = counts.get(m.block, 0) + m.count
+        return dict(sorted(counts.items()))
+
+    def sparsest_blocks(self, n: int) -> list[int]:
+        """The ``n`` blocks with the fewest selected weights (ties: lower index), ascending."""
+        ranked = sorted(self.block_counts.items(), key=lambda kv: (kv[1], kv[0]))
+        return sorted(b for b, _ in ranked[:n])
+
+    def __repr__(self) -> str:
+        cfg = self._config
+        how = (f"budget={cfg['budget']}" if cfg.get("budget") is not None
+               else f"c_min={cfg.get('scale')}")
+        lines = [
+            f"Selection({len(self)} weights, {fmt_count(self.num_selected)} / "
+            f"{fmt_count(self.num_scored)} entries trainable ({100 * self.fraction:.3f}%), "
+            f"top_percent={cfg.get('top_percent')}, {how}, unit={cfg.get('unit')!r})",
+        ]
+        width = max((len(n) for n in self._matrices), default=4)
+        lines.append(f"  {'weight':<{width}}  {'shape':>14}  {'w_l':>7}  {'C_l':>5}  {'selected':>10}")
+        for m in self._matrices.values():
+            shape = "x".join(map(str, m.shape))
+            lines.append(f"  {m.name:<{width}}  {shape:>14}  {m.share:7.4f}  "
+                         f"{m.connections:>5}  {fmt_count(m.count):>10}")
+        return "\n".join(lines)
+
+    # ---- serialization -------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Plain tensors for saving: ``{name: int32 [rows, C_l]}`` selected columns."""
+        return {n: idx.to(torch.int32) for n, idx in self._indices.items()}
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-serializable description (format version, settings, per-weight report)."""
+        return {
+            "format": SELECTION_FORMAT,
+            "settings": self._config,
+            "matrices": [{**asdict(m), "shape": list(m.shape)} for m in self._matrices.values()],
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> Selection:
+        """Inverse of :meth:`to_tensors` + :meth:`to_config` (lossless)."""
+        if config.get("format") != SELECTION_FORMAT:
+            raise TrptsValueError(
+                f"unknown selection format {config.get('format')!r}; this trpts reads format "
+                f"{SELECTION_FORMAT} (upgrade trpts to read newer files)"
+            )
+        matrices: dict[str, MatrixAllocation] = {}
+        indices: dict[str, Tensor] = {}
+        for entry in config["matrices"]:
+            info = MatrixAllocation(**{**entry, "shape": tuple(entry["shape"])})
+            name = info.name
+            if name not in tensors:
+                raise TrptsKeyError(f"selection tensors lack {name!r}")
+            idx = tensors[name].to(torch.int64)
+            if tuple(idx.shape) != (info.rows, info.connections):
+                raise TrptsValueError(
+                    f"indices of {name!r} have shape {tuple(idx.shape)}, expected "
+                    f"({info.rows}, {info.connections})"
+                )
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= info.fan_in):
+                raise TrptsValueError(f"indices of {name!r} fall outside 0..{info.fan_in - 1}")
+            if info.connections > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+                raise TrptsValueError(f"indices of {name!r} must be strictly increasing per row")
+            matrices[name], indices[name] = info, idx
+        extra = set(tensors) - set(matrices)
+        if extra:
+            raise TrptsKeyError(f"selection tensors {sorted(extra)[:5]} are not described in config")
+        return cls(indices, matrices, config["settings"])
+
+
+# ---- allocation -----------------------------------------------------------------------------
+
+def _validate_scores(fisher: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
+    """Canonical names -> float32 ``[rows, fan_in]`` scores, and the original shapes."""
+    if not isinstance(fisher, Mapping):
+        raise TrptsTypeError(f"fisher must be a mapping name -> Tensor, got {type(fisher).__name__}")
+    if not fisher:
+        raise TrptsValueError("fisher is empty; pass the dict returned by trpts.compute_fisher")
+    scores: dict[str, Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for raw_name, s in fisher.items():
+        name = canonical_name(str(raw_name))
+        if not isinstance(s, Tensor):
+            raise TrptsTypeError(f"fisher[{name!r}] must be a Tensor, got {type(s).__name__}")
+        if not s.is_floating_point():
+            raise TrptsTypeError(f"fisher[{name!r}] must be floating point, got {s.dtype}")
+        if s.ndim < 2 or s.numel() == 0:
+            raise TrptsValueError(
+                f"fisher[{name!r}] has shape {tuple(s.shape)}; allocation selects input "
+                "connections of weight matrices (2-D) or conv kernels (4-D). Drop it, or score "
+                "weights only (compute_fisher's default)"
+            )
+        s32 = s.detach().to(torch.float32).reshape(s.shape[0], -1)
+        lo, hi = torch.aminmax(s32)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise TrptsValueError(
+                f"fisher[{name!r}] contains NaN or inf; recompute the scores in float32 "
+                "(compute_fisher accumulates in float32) or drop that weight"
+            )
+        if float(lo) < 0:
+            raise TrptsValueError(
+                f"fisher[{name!r}] has negative entries (min {float(lo):.3g}); Fisher scores are "
+                "squared gradients and must be >= 0"
+            )
+        if name in scores:
+            raise TrptsValueError(f"fisher has {name!r} twice (with and without a wrapper prefix)")
+        scores[name] = s32.contiguous()
+        shapes[name] = tuple(s.shape)
+    return scores, shapes
+
+
+def _float_bits(s: Tensor) -> Tensor:
+    """Order-preserving int32 view of non-negative float32 scores (-0.0 folded into +0.0)."""
+    return s.view(torch.int32).reshape(-1) & 0x7FFFFFFF
+
+
+def _top_counts(scores: dict[str, Tensor], k: int) -> dict[str, int]:
+    """Per-tensor count of the global top-``k`` entries (eq. 3). Ties at the threshold go to
+    tensors in order, lower flat index first: exact and deterministic, without sorting."""
+    bits = {n: _float_bits(s) for n, s in scores.items()}  # non-negative floats order like ints
+    # Level 1: histogram of the high 15 value bits.
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    for b in bits.values():
+        hist += torch.bincount((b >> 16).cpu(), minlength=1 << 15)
+    above = hist.flip(0).cumsum(0).flip(0)  # above[i] = #entries in buckets >= i
+    bucket = int((above >= k).nonzero().max())
+    need = k - (int(above[bucket + 1]) if bucket + 1 < above.numel() else 0)
+    # Level 2: histogram of the low 16 bits inside that bucket gives the exact threshold.
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for b in bits.values():
+        inside = b[(b >> 16) == bucket]
+        if inside.numel():
+            low += torch.bincount((inside & 0xFFFF).cpu(), minlength=1 << 16)
+    low_above = low.flip(0).cumsum(0).flip(0)
+    threshold = (bucket << 16) | int((low_above >= need).nonzero().max())
+    greater = {n: int((b > threshold).sum()) for n, b in bits.items()}
+    ties_left = k - sum(greater.values())
+    counts: dict[str, int] = {}
+    for n, b in bits.items():
+        take = min(int((b == threshold).sum()), ties_left)
+        ties_left -= take
+        counts[n] = greater[n] + take
+    return counts
+
+
+def _connections(scale: float, ratios: list[float], fan_ins: list[int]) -> list[int]:
+    """Eq. 4 with half-up rounding and the 1..fan_in cap."""
+    return [min(max(1, math.floor(scale * r + 0.5)), f) for r, f in zip(ratios, fan_ins, strict=True)]
+
+
+def _solve_scale(target: float, ratios: list[float], fan_ins: list[int], rows: list[int]) -> float:
+    """Scale s (eq. 4's C_min) whose total selected count lands closest to ``target``."""
+    def total(s: float) -> int:
+        return sum(r * c for r, c in zip(rows, _connections(s, ratios, fan_ins), strict=True))
+
+    lo, hi = 0.0, max((f + 0.5) / r for f, r in zip(fan_ins, ratios, strict=True))
+    if total(lo) >= target:
+        return lo
+    if total(hi) <= target:
+        return hi
+    for _ in range(200):  # invariant: total(lo) < target <= total(hi)
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if total(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi if total(hi) - target < target - total(lo) else lo
+
+
+def _row_topk(s: Tensor, c: int) -> Tensor:
+    """Sorted column indices of each row's ``c`` highest scores; ties -> lower column."""
+    rows, fan_in = s.shape
+    if c >= fan_in:
+        return torch.arange(fan_in, dtype=torch.int64).expand(rows, fan_in).contiguous()
+    top = torch.topk(s, c, dim=1)
+    kth = top.values[:, -1:]
+    at_least = s >= kth
+    ambiguous = (at_least.sum(1) > c).nonzero().squeeze(1)
+    idx = top.indices.sort(dim=1).values
+    if ambiguous.numel():  # more entries equal the c-th value than fit: keep lower columns
+        sub, v = s[ambiguous], kth[ambiguous]
+        gt, eq = sub > v, sub == v
+        keep = gt | (eq & (eq.cumsum(1) <= c - gt.sum(1, keepdim=True)))
+        idx[ambiguous] = keep.nonzero()[:, 1].view(-1, c)
+    return idx.cpu()
+
+
+def allocate_connections(
+    fisher: Mapping[str, Tensor],
+    *,
+    top_percent: float = 1.0,
+    c_min: float | None = None,
+    budget: float | None = None,
+    unit: Unit = "matrix",
+    model: nn.Module | None = None,
+) -> Selection:
+    """Choose the trainable connections from Fisher scores (paper eq. 3-5).
+
+    Args:
+        fisher: ``{name: scores}`` as returned by :func:`trpts.compute_fisher`; each value
+            float, finite, ``>= 0``, 2-D ``[out, in]`` or 4-D conv ``[out, in, kh, kw]``.
+        top_percent: M in eq. 3, in percent of all scored entries, ``(0, 100]``.
+        c_min: C_min in eq. 4 (connections per neuron of the least important layer; may be
+            fractional). Default 1. Mutually exclusive with ``budget``.
+        budget: target fraction of scored weights to select, ``(0, 1]``, e.g. ``0.005``.
+            Solves eq. 4's scale for the total closest to ``budget * num_scored`` (within
+            one step of the step function), keeping eq. 4's proportions.
+        unit: what a "layer" is: ``"matrix"`` (each weight tensor; default) or ``"block"``
+            (all weights of a transformer block share one ``w_l`` and ``C_l``; weights
+            outside the blocks stay their own layer).
+        model: optional; when given, names are checked against it and blocks are found by
+            module identity instead of by name.
+
+    Returns:
+        A :class:`Selection`. Deterministic: identical scores give identical selections.
+    """
+    if not (isinstance(top_percent, (int, float)) and 0 < top_percent <= 100):
+        raise TrptsValueError(f"top_percent must be in (0, 100] (a percentage), got {top_percent!r}")
+    if c_min is not None and budget is not None:
+        raise TrptsValueError("pass either c_min or budget, not both")
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise TrptsValueError(
+            f"budget must be a fraction in (0, 1] of the scored weights (0.005 = 0.5%), got {budget!r}"
+        )
+    if c_min is not None and not (isinstance(c_min, (int, float)) and c_min > 0):
+        raise TrptsValueError(f"c_min must be > 0, got {c_min!r}")
+    if unit not in ("matrix", "block"):
+        raise TrptsValueError(f"unit must be 'matrix' or 'block', got {unit!r}")
+
+    scores, shapes = _validate_scores(fisher)
+    blocks = _block_map(scores, model)
+
+    # Eq. 3: share of the global top-M % per layer.
+    layer_of = {n: (f"block.{blocks[n]}" if unit == "block" and blocks[n] is not None else n)
+                for n in scores}
+    total_entries = sum(s.numel() for s in scores.values())
+    k = max(1, math.ceil(top_percent / 100 * total_entries))
+    counts = _top_counts(scores, k)
+    layer_counts: dict[str, int] = {}
+    for n, c in counts.items():
+        layer_counts[layer_of[n]] = layer_counts.get(layer_of[n], 0) + c
+    shares = {layer: c / k for layer, c in layer_counts.items()}
+    min_share = min(w for w in shares.values() if w > 0)
+
+    # Eq. 4: C_l = scale * w_l / min(w); a layer without top-M entries counts as the minimum.
+    names = list(scores)
+    ratios = [max(shares[layer_of[n]], min_share) / min_share for n in names]
+    fan_ins = [scores[n].shape[1] for n in names]
+    rows = [scores[n].shape[0] for n in names]
+    if budget is not None:
+        scale = _solve_scale(budget * total_entries, ratios, fan_ins, rows)
+    else:
+        scale = float(c_min) if c_min is not None else 1.0
+    conns = _connections(scale, ratios, fan_ins)
+
+    selection_tensors: dict[str, Tensor] = {}
+    matrices: dict[str, MatrixAllocation] = {}
+    for n, c in zip(names, conns, strict=True):
+        selection_tensors[n] = _row_topk(scores[n], c)  # Eq. 5
+        matrices[n] = MatrixAllocation(name=n, shape=shapes[n], rows=scores[n].shape[0],
+                                       fan_in=scores[n].shape[1], layer=layer_of[n],
+                                       block=blocks[n], share=shares[layer_of[n]], connections=c)
+    selection = Selection(selection_tensors, matrices, {
+        "top_percent": float(top_percent), "unit": unit, "scale": scale,
+        "budget": None if budget is None else float(budget),
+    })
+    if budget is not None and budget * total_entries < sum(rows):
+        warnings.warn(
+            f"budget={budget} is below what eq. 4 allows (one connection per neuron = "
+            f"{sum(rows) / total_entries:.4%} of the scored weights); selected "
+            f"{selection.fraction:.4%} instead", TrptsWarning, stacklevel=2)
+    return selection
+
+
+def _block_map(scores: Mapping[str, Tensor], model: nn.Module | None) -> dict[str, int | None]:
+    if model is None:
+        return {n: block_index_from_name(n) for n in scores}
+    base = unwrap_model(model)
+    named = dict(base.named_parameters())
+    unknown = [n for n in scores if n not in named]
+    if unknown:
+        raise TrptsKeyError(
+            f"fisher names {unknown[:5]} are not parameters of {type(base).__name__}; "
+            "compute the scores on this model"
+        )
+    for n, s in scores.items():
+        if named[n].numel() != s.numel() or named[n].shape[0] != s.shape[0]:
+            raise TrptsValueError(
+                f"fisher[{n!r}] has {s.numel()} entries but the parameter has shape "
+                f"{tuple(named[n].shape)}"
+            )
+    adapter = find_adapter(base)
+    index = adapter.block_index(base) if adapter is not None else {}
+    return {n: index.get(n, block_index_from_name(n) if adapter is None else None) for n in scores}

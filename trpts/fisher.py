@@ -1,0 +1,255 @@
+"""Diagonal empirical Fisher information (paper eq. 2).
+
+``F(theta) ~= E_(x,y) [ (dL_CE / dtheta)^2 ]``, estimated from a few batches of the
+user's own data, accumulated in float32 and, under ``torch.distributed``, summed
+over all ranks so that every rank gets identical scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._utils import canonical_name, iter_limited, unwrap_model
+from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError
+from .models import get_adapter
+
+__all__ = ["compute_fisher", "default_scored_parameters"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+ParamSpec = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
+
+_VMAP_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+def default_scored_parameters(model: nn.Module) -> list[str]:
+    """Names scored by default: the weight of every ``nn.Linear`` inside the transformer
+    blocks and the patch-embedding projection's weight (canonical names, model order)."""
+    base = unwrap_model(model)
+    return get_adapter(base).scored_parameters(base)
+
+
+def _resolve_params(base: nn.Module, params: ParamSpec) -> dict[str, nn.Parameter]:
+    named = dict(base.named_parameters())
+    if params is None:
+        names = get_adapter(base).scored_parameters(base)
+        if not names:
+            raise TrptsValueError(
+                "the model has no nn.Linear weights inside its transformer blocks and no "
+                "patch-embedding projection to score; pass params=[...] explicitly"
+            )
+    elif callable(params):
+        names = [n for n, p in named.items() if params(n, p)]
+    elif isinstance(params, str):
+        raise TrptsTypeError("params must be an iterable of parameter names, not a single string")
+    else:
+        names = [canonical_name(n) for n in params]
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise TrptsKeyError(
+                f"params names {unknown[:5]} are not parameters of {type(base).__name__}; "
+                f"use names from model.named_parameters() (e.g. {next(iter(named), '?')!r})"
+            )
+    if not names:
+        raise TrptsValueError("params selected no parameters; nothing to score")
+    return {n: named[n] for n in dict.fromkeys(names)}
+
+
+def _unpack(batch: Any) -> tuple[Any, Tensor]:
+    """``(inputs, targets)`` from a tuple/list batch or a Hugging Face style dict."""
+    if isinstance(batch, Mapping):
+        missing = [k for k in ("pixel_values", "labels") if k not in batch]
+        if missing:
+            raise TrptsValueError(
+                f"dict batches need the keys 'pixel_values' and 'labels'; missing {missing} "
+                f"(got {sorted(batch)})"
+            )
+        return batch["pixel_values"], batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TrptsTypeError(
+        "each batch must be an (inputs, targets) tuple or a dict with 'pixel_values' and "
+        f"'labels'; got {type(batch).__name__}"
+    )
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TrptsTypeError(
+        "the model must return a logits tensor, an object with .logits, or a tuple whose first "
+        f"element is the logits; got {type(output).__name__}"
+    )
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+
+
+@contextmanager
+def _preserved_state(model: nn.Module, scored: dict[str, nn.Parameter], train_mode: bool):
+    """Set up the model for scoring and put back flags, modes and buffers afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if train_mode else []
+    scored_ids = {id(p) for p in scored.values()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in scored_ids)
+        model.train(train_mode)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def compute_fisher(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    num_batches: int | None = None,
+    per_sample: bool = False,
+    params: ParamSpec = None,
+    train_mode: bool = False,
+    chunk_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher scores of the model's parameters on ``data`` (paper eq. 2).
+
+    Args:
+        model: a timm / Hugging Face ViT (optionally wrapped in DDP or ``torch.compile``)
+            or, with explicit ``params``, any module. Left exactly as it was found.
+        data: iterable of ``(inputs, targets)`` tuples or of dicts with ``pixel_values``
+            and ``labels``; inputs ``(B, C, H, W)``, targets ``(B,)`` int64.
+        loss_fn: ``loss_fn(logits, targets) -> scalar`` averaged over the batch.
+            Default: cross-entropy.
+        num_batches: stop after this many batches (default: the whole iterable).
+        per_sample: exact mode; squares each sample's gradient (``torch.func.vmap``,
+            ``chunk_size`` samples at a time). Default: the microbatch estimate, which
+            squares each batch's mean gradient ``g_b`` and weights it by the batch size
+            ``n_b``: ``sum_b n_b g_b^2 / sum_b n_b``. With per-sample gradients of mean
+            ``mu`` and variance ``s^2`` its expectation is ``s^2 + n mu^2`` where the exact
+            Fisher is ``s^2 + mu^2``: identical for ``n = 1``, and ranking-equivalent when
+            the gradient noise dominates the mean (as it does for a pretrained model).
+        params: which parameters to score: ``None`` (the weights of every ``nn.Linear``
+            inside the blocks plus the patch-embedding projection), an iterable of names,
+            or a predicate ``(name, param) -> bool``.
+        train_mode: score in training mode (dropout / drop-path active). Default: eval mode.
+        chunk_size: samples per vmap call in ``per_sample`` mode (memory ~ chunk x params).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{name: scores}`` keyed by ``model.named_parameters()`` names (DDP's ``module.``
+        and compile's ``_orig_mod.`` prefixes removed); each value is float32, on the
+        parameter's device, of the parameter's shape, finite and ``>= 0``.
+    """
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise TrptsValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise TrptsValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(model, nn.Module):
+        raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    base = unwrap_model(model)
+    scored = _resolve_params(base, params)
+    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    device = next(iter(scored.values())).device
+    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in scored.items()}
+    count = 0
+
+    from tqdm.auto import tqdm
+
+    total = num_batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)  # type: ignore[arg-type]
+    elif total is not None and hasattr(data, "__len__"):
+        total = min(total, len(data))  # type: ignore[arg-type]
+    bar = tqdm(iter_limited(data, num_batches), total=total, desc="trpts Fisher",
+               unit="batch", disable=not progress, leave=False)
+
+    with _preserved_state(base, scored, train_mode), torch.inference_mode(False), torch.enable_grad():
+        for batch in bar:
+            inputs, targets = _unpack(batch)
+            inputs, targets = _to(inputs, device), _to(targets, device)
+            n = int(targets.shape[0]) if isinstance(targets, Tensor) and targets.ndim else 0
+            if n == 0:
+                continue
+            if per_sample:
+                _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode)
+            else:
+                loss = loss_fn(_logits(base(inputs)), targets)
+                grads = torch.autograd.grad(loss, list(scored.values()), allow_unused=True)
+                for (name, _), g in zip(scored.items(), grads, strict=True):
+                    if g is not None:
+                        g = g.float()
+                        sums[name].addcmul_(g, g, value=float(n))
+            count += n
+
+    count_t = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count_t)
+        for s in sums.values():
+            torch.distributed.all_reduce(s)
+    total_count = float(count_t.item())
+    if total_count == 0:
+        raise TrptsValueError(
+            "data yielded no samples; pass a non-empty iterable of (inputs, targets) batches"
+        )
+    fisher = {name: s.div_(total_count) for name, s in sums.items()}
+    bad = [n for n, s in fisher.items() if not bool(torch.isfinite(s).all())]
+    if bad:
+        raise TrptsValueError(
+            f"Fisher scores of {bad[:3]} are not finite (the loss or its gradient overflowed); "
+            "score in float32, or lower the loss scale"
+        )
+    return fisher
+
+
+def _accumulate_per_sample(
+    base: nn.Module,
+    scored: dict[str, nn.Parameter],
+    sums: dict[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    chunk_size: int,
+    train_mode: bool,
+) -> None:
+    """Add ``sum_i g_i^2`` over the samples of one batch to ``sums`` (exact, via vmap)."""
+    from torch.func import functional_call, grad, vmap
+
+    if not isinstance(inputs, Tensor):
+        raise TrptsTypeError("per_sample=True needs tensor inputs")
+    primal = {n: p.detach() for n, p in scored.items()}
+    frozen = {n: p.detach() for n, p in base.named_parameters() if n not in scored}
+    frozen.update(dict(base.named_buffers()))
+
+    def sample_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(base, (weights, frozen), (x.unsqueeze(0),))
+        return loss_fn(_logits(out), y.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0),
+                           randomness="different" if train_mode else "error")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_VMAP_WARNING)
+        for start in range(0, int(inputs.shape[0]), chunk_size):
+            grads = per_sample_grad(primal, inputs[start : start + chunk_size],
+                                    targets[start : start + chunk_size])
+            for name, g in grads.items():
+                sums[name].add_(g.float().square().sum(0))

@@ -1,0 +1,269 @@
+"""Gradient masks: train only the selected entries with the user's own optimizer and loop.
+
+``apply_masks`` registers a gradient hook on every partially selected weight that zeroes the
+gradient of frozen entries, freezes (``requires_grad=False``) every parameter with no
+selected entry, and keeps the new classification head fully trainable. With zero gradient
+and zero optimizer state, SGD (momentum, nesterov), Adam, AdamW, RMSprop, ... leave frozen
+entries bit-identical. The one trap is weight decay, which optimizers apply to every entry
+of a parameter whose ``.grad`` is not None: trpts checks every ``optimizer.step()`` and
+raises :class:`~trpts.errors.WeightDecayError` *before* the step if a param group would
+decay a masked weight. :meth:`MaskHandle.param_groups` builds groups that cannot drift.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from ._utils import canonical_name, fmt_count, unwrap_model
+from .allocation import Selection
+from .errors import TrptsKeyError, TrptsRuntimeError, TrptsTypeError, TrptsValueError, WeightDecayError
+from .models import get_adapter
+
+__all__ = ["MaskHandle", "apply_masks", "get_mask_handle"]
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, MaskHandle] = weakref.WeakKeyDictionary()
+
+
+def get_mask_handle(model: nn.Module) -> MaskHandle | None:
+    """The active :class:`MaskHandle` of ``model`` (DDP/compile wrappers removed), if any."""
+    return _ACTIVE.get(unwrap_model(model))
+
+
+class MaskHandle:
+    """Result of :func:`apply_masks`: what is trainable, and how to undo it.
+
+    Attributes:
+        selection: the :class:`~trpts.Selection` that was applied.
+        masked: ``{name: parameter}`` of weights with frozen entries (hooked).
+        full: ``{name: parameter}`` of fully trainable parameters (head, biases, extras,
+            and selected weights whose every entry is selected).
+    """
+
+    storage = "hooks"
+
+    def __init__(self, model: nn.Module, selection: Selection, masked: dict[str, nn.Parameter],
+                 frozen: dict[str, Tensor], full: dict[str, nn.Parameter]):
+        self.selection = selection
+        self.masked = masked
+        self.full = full
+        self._model_ref = weakref.ref(model)
+        self._frozen = frozen  # name -> bool, True = frozen entry (never a float copy)
+        self._masked_ids = {id(p): name for name, p in masked.items()}
+        self._flags: list[tuple[nn.Parameter, bool]] = []
+        self._hooks: list[RemovableHandle] = []
+        self._active = False
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def _install(self) -> None:
+        model = self._model_ref()
+        assert model is not None
+        trainable = {id(p) for p in (*self.masked.values(), *self.full.values())}
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._active = True
+        try:
+            for name, p in self.masked.items():
+                self._hooks.append(p.register_hook(self._make_hook(name)))
+            self._hooks.append(register_optimizer_step_pre_hook(self._check_step))
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trainable)
+        except BaseException:
+            self.remove()
+            raise
+        _ACTIVE[model] = self
+
+    def remove(self) -> None:
+        """Remove the hooks and restore every ``requires_grad`` flag. Idempotent."""
+        if not self._active:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        model = self._model_ref()
+        if model is not None and _ACTIVE.get(model) is self:
+            del _ACTIVE[model]
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def __enter__(self) -> MaskHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        def hook(grad: Tensor) -> Tensor:
+            frozen = self._frozen[name]
+            if frozen.device != grad.device:  # the model moved after apply_masks
+                frozen = self._frozen[name] = frozen.to(grad.device)
+            return grad.masked_fill(frozen, 0)
+
+        return hook
+
+    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for gi, group in enumerate(optimizer.param_groups):
+            decay = group.get("weight_decay", 0)
+            if not decay:
+                continue
+            for p in group["params"]:
+                name = self._masked_ids.get(id(p))
+                if name is not None and p.grad is not None:
+                    raise WeightDecayError(
+                        f"{type(optimizer).__name__} param group {gi} has weight_decay={decay} and "
+                        f"holds the masked weight {name!r}: its frozen entries would drift. Build "
+                        "the optimizer from handle.param_groups(weight_decay=...), which puts masked "
+                        "weights in a group without weight decay (nothing was changed by this step)"
+                    )
+
+    # ---- optimizer helpers -------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter (masked weights first, then fully trainable ones)."""
+        return [*self.masked.values(), *self.full.values()]
+
+    def param_groups(self, weight_decay: float = 0.0, **options: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for the trainable parameters.
+
+        Masked weights get ``weight_decay=0`` (decay would move their frozen entries);
+        fully trainable matrices (e.g. the head's weight) get ``weight_decay``; 1-D
+        parameters (biases) get none, as in timm and Hugging Face. ``options`` (e.g. ``lr``)
+        are copied into every group. Empty groups are left out.
+        """
+        groups = [
+            ("masked", list(self.masked.values()), 0.0),
+            ("decay", [p for p in self.full.values() if p.ndim >= 2], float(weight_decay)),
+            ("no_decay", [p for p in self.full.values() if p.ndim < 2], 0.0),
+        ]
+        return [{"params": ps, "weight_decay": wd, "trpts_group": g, **options}
+                for g, ps, wd in groups if ps]
+
+    # ---- counts ------------------------------------------------------------------------------
+    @property
+    def num_selected(self) -> int:
+        """Trainable entries of the masked weights."""
+        return sum(int((~self._frozen[n]).sum()) for n in self.masked)
+
+    @property
+    def num_trainable(self) -> int:
+        """All trainable values: selected entries plus fully trainable parameters."""
+        return self.num_selected + sum(p.numel() for p in self.full.values())
+
+    @property
+    def num_total(self) -> int:
+        """All parameter values of the model."""
+        model = self._model_ref()
+        return sum(p.numel() for p in model.parameters()) if model is not None else 0
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.num_trainable / max(1, self.num_total)
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return (f"MaskHandle({state}, {len(self.masked)} masked weights with "
+                f"{fmt_count(self.num_selected)} selected entries, {len(self.full)} fully trainable "
+                f"tensors; {fmt_count(self.num_trainable)} / {fmt_count(self.num_total)} values "
+                f"trainable ({100 * self.trainable_fraction:.3f}%))")
+
+
+def apply_masks(
+    model: nn.Module,
+    selection: Selection,
+    *,
+    train_head: bool = True,
+    train_biases: bool = False,
+    extra_trainable: Iterable[str] = (),
+) -> MaskHandle:
+    """Make the model train only the selected entries (plus the head) in the user's own loop.
+
+    Call it before wrapping the model in ``DistributedDataParallel`` (DDP only registers
+    parameters that require grad) and before building the optimizer (or build it from
+    :meth:`MaskHandle.param_groups`). ``torch.compile`` may come before or after.
+
+    Args:
+        model: the model the selection was made for (optionally already compiled).
+        selection: from :func:`trpts.allocate_connections`.
+        train_head: keep the classification head (new per task) fully trainable.
+        train_biases: also train the biases of the masked weights' modules (GPS does).
+            Default off: only the selected entries and the head change.
+        extra_trainable: names of further parameters to train fully (e.g. a custom head).
+
+    Everything else gets ``requires_grad=False``: LayerNorms, position embedding, class /
+    register tokens and every weight without a selected entry. Validates everything before
+    touching the model: a failed call leaves it unchanged.
+
+    Returns:
+        A :class:`MaskHandle`; ``handle.remove()`` restores the model's hooks and flags.
+    """
+    if not isinstance(model, nn.Module):
+        raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(selection, Selection):
+        raise TrptsTypeError(
+            f"selection must be a trpts.Selection (from allocate_connections), got {type(selection).__name__}"
+        )
+    base = unwrap_model(model)
+    if base in _ACTIVE:
+        raise TrptsRuntimeError(
+            "this model already has masks applied; call handle.remove() (or "
+            "trpts.get_mask_handle(model).remove()) before applying another selection"
+        )
+    named = dict(base.named_parameters())
+    owner = {id(m.weight): m for m in base.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+    masked: dict[str, nn.Parameter] = {}
+    frozen: dict[str, Tensor] = {}
+    full: dict[str, nn.Parameter] = {}
+    for name in selection:
+        p = named.get(name)
+        if p is None:
+            raise TrptsKeyError(
+                f"selection weight {name!r} is not a parameter of {type(base).__name__}; "
+                "was the selection made for another model?"
+            )
+        if tuple(p.shape) != selection.matrices[name].shape:
+            raise TrptsValueError(
+                f"selection weight {name!r} has shape {selection.matrices[name].shape} but the "
+                f"model's parameter has shape {tuple(p.shape)}"
+            )
+        mask = selection[name]
+        if bool(mask.all()):
+            full[name] = p
+        else:
+            masked[name] = p
+            frozen[name] = (~mask).to(p.device)
+    if train_head:
+        try:
+            adapter = get_adapter(base)
+        except TypeError as err:
+            raise type(err)(f"{err}\n(or pass train_head=False)") from None
+        for name in adapter.head_parameters(base):
+            full.setdefault(name, named[name])
+    if train_biases:
+        for name in masked:
+            module = owner.get(id(named[name]))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias_name = next(n for n, q in named.items() if q is bias)
+                full.setdefault(bias_name, bias)
+    for raw in extra_trainable:
+        name = canonical_name(raw)
+        if name not in named:
+            raise TrptsKeyError(f"extra_trainable name {raw!r} is not a parameter of {type(base).__name__}")
+        if name in masked:
+            raise TrptsValueError(f"extra_trainable name {raw!r} is masked by the selection; drop it")
+        full.setdefault(name, named[name])
+
+    handle = MaskHandle(base, selection, masked, frozen, full)
+    handle._install()
+    return handle
