@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from torch import nn
+
+T = TypeVar("T")
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -37,12 +41,9 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(unwrap_model(model).named_parameters())
 
 
-def iter_limited(iterable: object, limit: int | None) -> Iterator[object]:
-    """Iterate over ``iterable``, stopping after ``limit`` items when given."""
-    for i, item in enumerate(iterable):  # type: ignore[call-overload]
-        if limit is not None and i >= limit:
-            return
-        yield item
+def iter_limited(iterable: Iterable[T], limit: int | None) -> Iterator[T]:
+    """Iterate over ``iterable``, drawing at most ``limit`` items when given."""
+    return iter(iterable) if limit is None else itertools.islice(iterable, limit)
 
 
 def fmt_count(n: int) -> str:

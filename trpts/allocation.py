@@ -3,9 +3,8 @@
 1. Eq. 3: take the global top-M % of Fisher scores; layer ``l``'s share ``w_l`` is the
    fraction of that set that falls in ``l``.
 2. Eq. 4: ``C_l = round(C_min * w_l / min(w))``, with the decisions documented in
-   ``docs/method.md``: ``min(w)`` is the smallest *positive* share (a layer with none of
-   the top-M % is treated as the least important one, so it gets ``C_min``), rounding is
-   half-up, and ``1 <= C_l <= fan_in``.
+   ``docs/method.md``: a layer holding none of the top-M % counts as holding one entry
+   (``w_l = 1/|I_top|``, so ``min(w) > 0``), rounding is half-up, and ``1 <= C_l <= fan_in``.
 3. Eq. 5: every output neuron (row of the weight; a conv kernel is ``[out, in*kh*kw]``)
    keeps its ``C_l`` highest-scoring input connections, ties broken by lower column.
 
@@ -378,11 +377,13 @@ def allocate_connections(
     for n, c in counts.items():
         layer_counts[layer_of[n]] = layer_counts.get(layer_of[n], 0) + c
     shares = {layer: c / k for layer, c in layer_counts.items()}
-    min_share = min(w for w in shares.values() if w > 0)
 
-    # Eq. 4: C_l = scale * w_l / min(w); a layer without top-M entries counts as the minimum.
+    # Eq. 4: C_l = scale * w_l / min(w) = scale * n_l / min(n). A layer holding none of the
+    # top-M % counts as holding one entry (the estimate's resolution): no division by zero,
+    # and exactly eq. 4 whenever every layer holds at least one.
+    floor_count = max(1, min(layer_counts.values()))
     names = list(scores)
-    ratios = [max(shares[layer_of[n]], min_share) / min_share for n in names]
+    ratios = [max(layer_counts[layer_of[n]], 1) / floor_count for n in names]
     fan_ins = [scores[n].shape[1] for n in names]
     rows = [scores[n].shape[0] for n in names]
     if budget is not None:

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
+
+import trpts
+
+
+def _logits(out):
+    return out if torch.is_tensor(out) else out.logits
+
+
+def _select(model, budget=0.05):
+    fisher = trpts.compute_fisher(model, make_batches(2, 4), progress=False)
+    return trpts.allocate_connections(fisher, budget=budget, model=model)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train(model, optimizer, *, steps=3, accumulate=1, clip=None, autocast=False, seed=5):
+    batches = make_batches(steps * accumulate, 4, seed=seed)
+    model.train()
+    for step in range(steps):
+        optimizer.zero_grad()
+        for micro in range(accumulate):
+            x, y = batches[step * accumulate + micro]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(_logits(model(x)), y) / accumulate
+            loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+
+def _assert_only_selected_moved(model, selection, handle, before):
+    for name, p in model.named_parameters():
+        if name in handle.masked:
+            keep = selection[name]
+            assert torch.equal(p.detach()[~keep], before[name][~keep]), f"frozen entries of {name} moved"
+            moved = (p.detach()[keep] != before[name][keep]).float().mean().item()
+            assert moved > 0.5, f"only {moved:.0%} of the selected entries of {name} moved"
+        elif name in handle.full:
+            assert not torch.equal(p.detach(), before[name]), f"{name} should train"
+        else:
+            assert torch.equal(p.detach(), before[name]), f"{name} should be frozen"
+
+
+OPTIMIZERS = {
+    "sgd-momentum-nesterov-wd": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda groups: torch.optim.Adam(groups, lr=1e-2),
+    "adamw-wd": lambda groups: torch.optim.AdamW(groups, lr=1e-2),
+    "rmsprop-momentum": lambda groups: torch.optim.RMSprop(groups, lr=1e-3, momentum=0.5),
+    "adamw-foreach-amsgrad": lambda groups: torch.optim.AdamW(groups, lr=1e-2, amsgrad=True, foreach=True),
+}
+
+
+@pytest.mark.parametrize("features", [
+    dict(),
+    dict(accumulate=2, clip=0.1, autocast=True),
+], ids=["plain", "accum-clip-bf16"])
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_frozen_entries_bit_identical_for_each_optimizer(opt, features):
+    model = make_timm_vit()
+    selection = _select(model)
+    handle = trpts.apply_masks(model, selection, train_biases=True)
+    optimizer = OPTIMIZERS[opt](handle.param_groups(weight_decay=0.1))
+    before = _snapshot(model)
+    _train(model, optimizer, **features)
+    _assert_only_selected_moved(model, selection, handle, before)
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
+def test_every_family_trains_only_selection_and_head(family):
+    model = MODEL_FACTORIES[family]()
+    selection = _select(model)
+    handle = trpts.apply_masks(model, selection)
+    before = _snapshot(model)
+    _train(model, torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-2))
+    _assert_only_selected_moved(model, selection, handle, before)
+    head = trpts.models.get_adapter(model).head_parameters(model)
+    assert set(handle.full) == set(head)
+
+
+def test_weight_decay_on_masked_weights_raises_before_the_step():
+    model = make_timm_vit()
+    handle = trpts.apply_masks(model, _select(model))
+    before = _snapshot(model)
+    for optimizer in (torch.optim.AdamW(model.parameters(), lr=1e-2),  # default weight_decay=0.01
+                      torch.optim.SGD(handle.parameters(), lr=0.1, weight_decay=1e-4)):
+        x, y = make_batches(1, 4)[0]
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(trpts.WeightDecayError, match="param_groups") as info:
+            optimizer.step()
+        assert isinstance(info.value, RuntimeError)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        optimizer.zero_grad()
+    handle.remove()
+    torch.optim.AdamW(model.parameters(), lr=1e-2)  # no check once removed
+    x, y = make_batches(1, 4)[0]
+    F.cross_entropy(model(x), y).backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+
+
+def test_flags_defaults_and_param_groups():
+    model = make_timm_vit(depth=2, reg_tokens=1, init_values=0.1)
+    selection = _select(model)
+    handle = trpts.apply_masks(model, selection)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        assert p.requires_grad == (name in handle.masked or name in handle.full), name
+    for frozen in ("cls_token", "reg_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.ls1.gamma",
+                   "blocks.0.attn.qkv.bias", "norm.weight"):
+        assert not params[frozen].requires_grad
+    assert all(m.dtype == torch.bool for m in handle._frozen.values())
+    groups = handle.param_groups(weight_decay=0.05, lr=0.1)
+    assert [g["trpts_group"] for g in groups] == ["masked", "decay", "no_decay"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05, 0.0]
+    assert all(g["lr"] == 0.1 for g in groups)
+    assert groups[1]["params"] == [params["head.weight"]]
+    assert handle.num_selected == selection.num_selected
+    assert handle.num_trainable == selection.num_selected + params["head.weight"].numel() + params["head.bias"].numel()
+    assert 0 < handle.trainable_fraction < 0.5
+    assert "active" in repr(handle)
+    assert trpts.get_mask_handle(model) is handle
+
+
+def test_remove_restores_flags_and_dense_gradients():
+    model = make_hf_vit()
+    model.vit.embeddings.cls_token.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with trpts.apply_masks(model, _select(model)) as handle:
+        assert handle.active
+    assert not handle.active and trpts.get_mask_handle(model) is None
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    x, y = make_batches(1, 4)[0]
+    F.cross_entropy(model(x).logits, y).backward()
+    grad = model.vit.layers[0].attention.q_proj.weight.grad
+    assert bool((grad != 0).all())
+    handle.remove()  # idempotent
+
+
+def test_failed_calls_leave_the_model_untouched():
+    model = make_timm_vit()
+    selection = _select(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    other = trpts.allocate_connections({"blocks.0.attn.qkv.weight": torch.rand(4, 4)})
+    with pytest.raises(ValueError, match="shape"):
+        trpts.apply_masks(model, other)
+    with pytest.raises(KeyError, match="extra_trainable"):
+        trpts.apply_masks(model, selection, extra_trainable=["nope"])
+    with pytest.raises(KeyError, match="another model"):
+        trpts.apply_masks(make_hf_vit(), selection)
+    with pytest.raises(TypeError, match="Selection"):
+        trpts.apply_masks(model, dict(selection))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert trpts.get_mask_handle(model) is None
+    handle = trpts.apply_masks(model, selection)
+    with pytest.raises(trpts.TrptsRuntimeError, match="already"):
+        trpts.apply_masks(model, selection)
+    handle.remove()
+
+
+def test_unsupported_model_needs_train_head_false():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fisher = trpts.compute_fisher(model, [(torch.randn(8, 6), torch.randint(0, 2, (8,)))],
+                                  params=["0.weight"], progress=False)
+    selection = trpts.allocate_connections(fisher, c_min=2)
+    with pytest.raises(trpts.UnsupportedModelError, match="train_head=False"):
+        trpts.apply_masks(model, selection)
+    handle = trpts.apply_masks(model, selection, train_head=False, extra_trainable=["2.weight", "2.bias"])
+    assert set(handle.full) == {"2.weight", "2.bias"} and set(handle.masked) == {"0.weight"}
+
+
+def test_torch_compile_matches_eager():
+    results = []
+    for compiled in (False, True):
+        model = make_timm_vit()
+        selection = _select(model)
+        handle = trpts.apply_masks(model, selection)
+        before = _snapshot(model)
+        optimizer = torch.optim.Adam(handle.param_groups(), lr=1e-2)
+        runner = torch.compile(model) if compiled else model
+        _train(runner, optimizer, steps=3)
+        _assert_only_selected_moved(model, selection, handle, before)
+        results.append(_snapshot(model))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5)
