@@ -23,7 +23,13 @@ from torch.utils.hooks import RemovableHandle
 
 from ._utils import canonical_name, fmt_count, unwrap_model
 from .allocation import Selection
-from .errors import TrptsKeyError, TrptsRuntimeError, TrptsTypeError, TrptsValueError, WeightDecayError
+from .errors import (
+    TrptsKeyError,
+    TrptsRuntimeError,
+    TrptsTypeError,
+    TrptsValueError,
+    WeightDecayError,
+)
 from .models import get_adapter
 
 __all__ = ["MaskHandle", "apply_masks", "get_mask_handle"]

@@ -1,0 +1,69 @@
+"""Two CPU processes (gloo): identical Fisher scores and selections, masked DDP training."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from conftest import make_batches, make_timm_vit
+
+    import trpts
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_timm_vit()  # same seed on every rank
+        shard = make_batches(2, 4, seed=10 + rank)  # different data on each rank
+        fisher = trpts.compute_fisher(model, shard, progress=False)
+        selection = trpts.allocate_connections(fisher, budget=0.05, model=model)
+        handle = trpts.apply_masks(model, selection)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-2)
+        for x, y in make_batches(3, 4, seed=20 + rank):
+            optimizer.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+        frozen_ok = all(
+            torch.equal(p.detach()[~selection[n]], before[n][~selection[n]]) if n in selection
+            else (n in handle.full or torch.equal(p.detach(), before[n]))
+            for n, p in model.named_parameters()
+        )
+        torch.save({"fisher": fisher, "indices": selection.to_tensors(), "frozen_ok": frozen_ok,
+                    "params": {n: p.detach() for n, p in model.named_parameters()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_ddp(tmp_path):
+    world = 2
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
+    assert list(r0["fisher"]) == list(r1["fisher"])
+    for n in r0["fisher"]:
+        assert torch.equal(r0["fisher"][n], r1["fisher"][n]), n
+    for n in r0["indices"]:
+        assert torch.equal(r0["indices"][n], r1["indices"][n]), n
+    assert r0["frozen_ok"] and r1["frozen_ok"]
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+
+    # The all-reduced scores are those of the union of both shards on one process.
+    from conftest import make_batches, make_timm_vit
+
+    import trpts
+
+    union = make_batches(2, 4, seed=10) + make_batches(2, 4, seed=11)
+    single = trpts.compute_fisher(make_timm_vit(), union, progress=False)
+    for n in single:
+        torch.testing.assert_close(r0["fisher"][n], single[n], rtol=1e-5, atol=1e-12)

@@ -1,0 +1,35 @@
+"""The README's main job and the benchmarks run end to end (short settings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 300) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_quickstart_runs_and_reports(tmp_path):
+    out = _run("examples/quickstart.py", "--epochs", "1", "--source-epochs", "1", "--no-progress",
+               "--cache-dir", str(tmp_path))
+    for method in ("linear probe", "TR-PTS (budget 0.01)", "full fine-tuning"):
+        assert method in out
+    assert "bit-identical to the pretrained backbone: yes" in out
+    assert list(tmp_path.glob("quickstart-*.pt")), "the source model should be cached"
+    again = _run("examples/quickstart.py", "--epochs", "1", "--no-progress", "--cache-dir", str(tmp_path))
+    assert "loaded from" in again
+
+
+def test_selection_benchmark_quick(tmp_path):
+    out = _run("benchmarks/selection.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    assert "compute_fisher (microbatch)" in out and "allocate_connections" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["command"] == "python benchmarks/selection.py --quick"
+    assert len(report["rows"]) == 5
