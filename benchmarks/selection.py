@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="tiny model and few repeats (seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="vit_small_patch16_224", help="timm model for the Fisher timing")
+    parser.add_argument("--batch", type=int, default=8, help="batch size for the Fisher timing")
+    parser.add_argument("--batches", type=int, default=4, help="batches per Fisher pass")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -88,10 +91,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         rows += allocation("vit_tiny_patch16_224", repeats, budget=0.01)
     else:
         repeats = args.repeats or 5
-        rows = fisher_vs_backward("vit_small_patch16_224", 224, 8, 4, repeats, progress, args.device)
+        rows = fisher_vs_backward(args.model, 224, args.batch, args.batches, repeats, progress, args.device)
         rows += allocation("vit_base_patch16_224", repeats, budget=0.005)
     report = {"machine": machine(), "device": args.device, "repeats": repeats,
-              "command": "python benchmarks/selection.py" + (" --quick" if args.quick else ""), "rows": rows}
+              "command": "python benchmarks/selection.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "rows": rows}
     print(f"# trpts selection benchmark\n{report['machine']} | device {args.device} | medians of {repeats}\n")
     print(table(rows))
     if args.json:

@@ -189,3 +189,20 @@ def test_torch_compile_matches_eager():
         results.append(_snapshot(model))
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_dropped_model_and_handle_are_freed():
+    import gc
+    import weakref
+
+    model = make_timm_vit()
+    handle = trpts.apply_masks(model, _select(model))
+    refs = weakref.ref(model), weakref.ref(handle)
+    del model, handle
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+    # and the (now dead) global hook does not disturb other optimizers
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1)
+    p.grad = torch.ones(3)
+    opt.step()

@@ -23,7 +23,7 @@ from .models import get_adapter
 __all__ = ["compute_fisher", "default_scored_parameters"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-ParamSpec = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
+ParamSelector = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
 
 _VMAP_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
@@ -35,7 +35,7 @@ def default_scored_parameters(model: nn.Module) -> list[str]:
     return get_adapter(base).scored_parameters(base)
 
 
-def _resolve_params(base: nn.Module, params: ParamSpec) -> dict[str, nn.Parameter]:
+def _resolve_params(base: nn.Module, params: ParamSelector) -> dict[str, nn.Parameter]:
     named = dict(base.named_parameters())
     if params is None:
         names = get_adapter(base).scored_parameters(base)
@@ -126,7 +126,7 @@ def compute_fisher(
     loss_fn: LossFn | None = None,
     num_batches: int | None = None,
     per_sample: bool = False,
-    params: ParamSpec = None,
+    params: ParamSelector = None,
     train_mode: bool = False,
     chunk_size: int = 16,
     progress: bool = True,

@@ -76,7 +76,9 @@ class MaskHandle:
         try:
             for name, p in self.masked.items():
                 self._hooks.append(p.register_hook(self._make_hook(name)))
-            self._hooks.append(register_optimizer_step_pre_hook(self._check_step))
+            step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))
+            self._hooks.append(step_hook)
+            weakref.finalize(self, step_hook.remove)  # unregister if dropped without remove()
             for p in model.parameters():
                 p.requires_grad_(id(p) in trainable)
         except BaseException:
@@ -181,6 +183,18 @@ class MaskHandle:
                 f"{fmt_count(self.num_selected)} selected entries, {len(self.full)} fully trainable "
                 f"tensors; {fmt_count(self.num_trainable)} / {fmt_count(self.num_total)} values "
                 f"trainable ({100 * self.trainable_fraction:.3f}%))")
+
+
+def _weak_step_check(handle: MaskHandle):
+    """A global optimizer pre-hook that does not keep the handle (and its model) alive."""
+    ref = weakref.ref(handle)
+
+    def check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        live = ref()
+        if live is not None:
+            live._check_step(optimizer, args, kwargs)
+
+    return check
 
 
 def apply_masks(

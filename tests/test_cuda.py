@@ -1,0 +1,66 @@
+"""CUDA checks; skipped where no GPU is present (CI never has one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_batches, make_timm_vit
+
+import trpts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_fisher_allocation_and_masks_on_cuda():
+    dev = torch.device("cuda")
+    model = make_timm_vit(depth=4).to(dev)
+    data = [(x.to(dev), y.to(dev)) for x, y in make_batches(4, 8)]
+    fisher = trpts.compute_fisher(model, data, progress=False)
+    assert all(v.device.type == "cuda" and v.dtype == torch.float32 for v in fisher.values())
+    selection = trpts.allocate_connections(fisher, budget=0.02, model=model)
+    on_cpu = trpts.allocate_connections({k: v.cpu() for k, v in fisher.items()}, budget=0.02, model=model)
+    assert selection == on_cpu  # same selection on any device
+
+    handle = trpts.apply_masks(model, selection)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-3, fused=True)
+    for x, y in data:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    for n, p in model.named_parameters():
+        if n in selection:
+            keep = selection[n].to(dev)
+            assert torch.equal(p[~keep], before[n][~keep]), n
+            assert bool((p[keep] != before[n][keep]).any()), n
+
+
+def test_model_moved_to_cuda_after_apply_masks():
+    model = make_timm_vit()
+    selection = trpts.allocate_connections(trpts.compute_fisher(model, make_batches(), progress=False),
+                                           budget=0.05)
+    handle = trpts.apply_masks(model, selection)  # masks on the CPU
+    model.cuda()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(handle.param_groups(), lr=1e-2)
+    x, y = make_batches(1, 4)[0]
+    F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+    optimizer.step()
+    for n, p in model.named_parameters():
+        if n in selection:
+            keep = selection[n].cuda()
+            assert torch.equal(p[~keep], before[n][~keep]), n
+
+
+def test_per_sample_matches_batches_of_one_on_cuda():
+    model = make_timm_vit().cuda()
+    x, y = make_batches(1, 6)[0]
+    x, y = x.cuda(), y.cuda()
+    exact = trpts.compute_fisher(model, [(x, y)], per_sample=True, chunk_size=4, progress=False)
+    ones = trpts.compute_fisher(model, [(x[i : i + 1], y[i : i + 1]) for i in range(6)], progress=False)
+    for n in exact:
+        torch.testing.assert_close(exact[n], ones[n], rtol=1e-3, atol=1e-9)
