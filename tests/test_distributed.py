@@ -28,6 +28,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         handle = trpts.apply_masks(model, selection)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         ddp = torch.nn.parallel.DistributedDataParallel(model)
+        # names never carry DDP's "module." prefix
+        assert list(trpts.compute_fisher(ddp, shard[:1], progress=False)) == list(fisher)
         optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-2)
         for x, y in make_batches(3, 4, seed=20 + rank):
             optimizer.zero_grad()
