@@ -36,11 +36,6 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of the unwrapped model keyed by canonical name (shared parameters once)."""
-    return dict(unwrap_model(model).named_parameters())
-
-
 def iter_limited(iterable: Iterable[T], limit: int | None) -> Iterator[T]:
     """Iterate over ``iterable``, drawing at most ``limit`` items when given."""
     return iter(iterable) if limit is None else itertools.islice(iterable, limit)
