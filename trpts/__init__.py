@@ -25,6 +25,15 @@ from .errors import (
 )
 from .fisher import compute_fisher, default_scored_parameters
 from .masking import MaskHandle, apply_masks, get_mask_handle
+from .tokens import (
+    TokenConfig,
+    TokenSelectMerge,
+    cls_attention,
+    get_token_config,
+    record_kept_tokens,
+    unwrap_vit,
+    wrap_vit,
+)
 
 try:
     __version__ = version("trpts")
@@ -35,6 +44,8 @@ __all__ = [
     "MaskHandle",
     "MatrixAllocation",
     "Selection",
+    "TokenConfig",
+    "TokenSelectMerge",
     "TrptsError",
     "TrptsKeyError",
     "TrptsRuntimeError",
@@ -46,7 +57,12 @@ __all__ = [
     "__version__",
     "allocate_connections",
     "apply_masks",
+    "cls_attention",
     "compute_fisher",
     "default_scored_parameters",
     "get_mask_handle",
+    "get_token_config",
+    "record_kept_tokens",
+    "unwrap_vit",
+    "wrap_vit",
 ]

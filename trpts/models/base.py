@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+
+#: A block forward ``(block, x, *args, **kwargs) -> x`` that calls
+#: ``block._trpts_tokens.reduce(x)`` after the attention residual and before the MLP.
+BlockForward = Callable[..., Any]
 
 
 class ModelAdapter(ABC):
@@ -42,6 +48,32 @@ class ModelAdapter(ABC):
     @abstractmethod
     def heads(self, model: nn.Module) -> list[nn.Module]:
         """The classification head module(s); empty for a bare backbone."""
+
+    # ---- token selection (override to support wrap_vit) ------------------------------
+    def check_token_support(self, model: nn.Module) -> None:
+        """Raise a clear trpts error if token selection cannot run on this model."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """P: the leading tokens (CLS first, then distillation / register tokens) never merged."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+
+    def check_block(self, block: nn.Module) -> None:
+        """Raise a clear trpts error if this block's type cannot be patched."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+
+    def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
+        """Modules whose outputs are the block's queries and keys, and a function turning such an
+        output into ``(B, H, N, d)`` (queries/keys exactly as the attention uses them)."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+
+    def attention_scale(self, block: nn.Module) -> float:
+        """The scale the block's attention multiplies ``q k^T`` by."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+
+    def reducing_forward(self, block: nn.Module) -> BlockForward:
+        """The block's forward with the reducing step between attention and MLP."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
 
     # ---- derived helpers (shared by all families) ---------------------------------
     def scored_parameters(self, model: nn.Module) -> list[str]:

@@ -7,11 +7,43 @@ Handles both module layouts: transformers 4.x-5.8 (``vit.encoder.layer[i]``) and
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from .base import ModelAdapter
+from ..errors import TrptsValueError
+from .base import BlockForward, ModelAdapter
+
+
+def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                            **kwargs: Any) -> Tensor:
+    """transformers >= 5.9 ``ViTLayer.forward`` with the token reduction before the MLP."""
+    residual = hidden_states
+    hidden_states = self.layernorm_before(hidden_states)
+    hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = hidden_states + residual
+    hidden_states = self._trpts_tokens.reduce(hidden_states)
+    residual = hidden_states
+    hidden_states = self.layernorm_after(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    return hidden_states + residual
+
+
+def _reducing_layer_forward_v4(self: nn.Module, hidden_states: Tensor, head_mask: Tensor | None = None,
+                               output_attentions: bool = False, *args: Any, **kwargs: Any) -> Any:
+    """transformers 4.x - 5.8 ``ViTLayer.forward`` (``attention.attention`` / ``intermediate`` /
+    ``output`` layout) with the token reduction before the MLP."""
+    outputs = self.attention(self.layernorm_before(hidden_states), head_mask, output_attentions)
+    attention_output = outputs[0] if isinstance(outputs, tuple) else outputs
+    hidden_states = attention_output + hidden_states
+    hidden_states = self._trpts_tokens.reduce(hidden_states)
+    layer_output = self.layernorm_after(hidden_states)
+    layer_output = self.intermediate(layer_output)
+    layer_output = self.output(layer_output, hidden_states)
+    return (layer_output, *outputs[1:]) if isinstance(outputs, tuple) else layer_output
 
 
 class HFViTAdapter(ModelAdapter):
@@ -36,6 +68,40 @@ class HFViTAdapter(ModelAdapter):
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self._backbone(model).embeddings.patch_embeddings.projection
+
+    def check_token_support(self, model: nn.Module) -> None:
+        return None  # the encoder starts with the [CLS] token; heads and pooler read token 0
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1
+
+    def check_block(self, block: nn.Module) -> None:
+        if type(block).__name__ != "ViTLayer":
+            raise TrptsValueError(f"token selection patches ViTLayer blocks only; got {type(block).__name__}")
+
+    @staticmethod
+    def _heads(attention: nn.Module, head_dim: int) -> Callable[[Tensor], Tensor]:
+        def to_heads(t: Tensor) -> Tensor:  # (B, N, H*d) -> (B, H, N, d)
+            return t.view(*t.shape[:-1], -1, head_dim).transpose(1, 2)
+
+        return to_heads
+
+    def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
+        attention = block.attention
+        if hasattr(attention, "q_proj"):  # transformers >= 5.9
+            return attention.q_proj, attention.k_proj, self._heads(attention, attention.head_dim)
+        inner = attention.attention  # transformers 4.x - 5.8
+        return inner.query, inner.key, self._heads(inner, inner.attention_head_size)
+
+    def attention_scale(self, block: nn.Module) -> float:
+        attention = block.attention
+        if hasattr(attention, "q_proj"):
+            return float(attention.scaling)
+        inner = attention.attention
+        return float(getattr(inner, "scaling", inner.attention_head_size ** -0.5))
+
+    def reducing_forward(self, block: nn.Module) -> BlockForward:
+        return _reducing_layer_forward if hasattr(block.attention, "q_proj") else _reducing_layer_forward_v4
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         head = getattr(model, "classifier", None)

@@ -1,0 +1,315 @@
+"""Task-relevant token selection (paper section 3.3, eq. 7-11) and its placement in a ViT.
+
+In a reducing block, after the attention residual and before the MLP, the patch tokens that
+the [CLS] token attends to most are kept (in their original order) and all others are merged
+into one token, appended last. The reducing block's MLP and every later block then run on
+``P + k + 1`` tokens instead of ``N``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._utils import unwrap_model
+from .allocation import Selection
+from .errors import TrptsRuntimeError, TrptsTypeError, TrptsValueError
+from .models import get_adapter
+
+__all__ = [
+    "TokenConfig",
+    "TokenSelectMerge",
+    "cls_attention",
+    "get_token_config",
+    "record_kept_tokens",
+    "unwrap_vit",
+    "wrap_vit",
+]
+
+Placement = Literal["sparse", "dense", "random"]
+
+
+def cls_attention(q_cls: Tensor, k: Tensor, scale: float, num_prefix_tokens: int) -> Tensor:
+    """Eq. 8: the [CLS] query's attention over the non-prefix tokens, averaged over heads.
+
+    Args:
+        q_cls: ``(B, H, d)`` query of the [CLS] token (after any ``q_norm``).
+        k: ``(B, H, N, d)`` keys of all tokens (after any ``k_norm``).
+        scale: the block's own attention scale (usually ``d ** -0.5``).
+        num_prefix_tokens: P; the first P keys are excluded and the softmax renormalized.
+
+    Returns:
+        ``(B, N - P)`` float32 scores; each row sums to 1. O(N*d) per head.
+    """
+    with torch.autocast(q_cls.device.type, enabled=False):
+        logits = torch.einsum("bhd,bhnd->bhn", q_cls.float(), k[:, :, num_prefix_tokens:].float())
+        return (logits * scale).softmax(dim=-1).mean(dim=1)
+
+
+class TokenSelectMerge(nn.Module):
+    """Keep the top ``k = max(1, floor(rho * (N - P)))`` patch tokens by score (eq. 9) and merge
+    the rest into one attention-weighted token (eq. 10), appended last (eq. 11).
+
+    Args:
+        rho: select rate in ``(0, 1]``.
+        num_prefix_tokens: P, the protected leading tokens (CLS, distillation, registers).
+
+    ``forward(x, scores)``: ``x`` is ``(B, N, D)``; ``scores`` is ``(B, N - P)`` (eq. 8, see
+    :func:`cls_attention`). Returns ``(B, P + k + 1, D)`` in ``x``'s dtype, or ``x`` itself
+    when nothing would be merged (``k == N - P``). Ties are broken by lower index; scores and
+    merge weights are float32 even under autocast; gradients flow to kept tokens, through the
+    merge to the merged tokens, and to the scores. A merged token from an earlier reducing
+    block is an ordinary non-prefix token here: it may be kept or merged again.
+    """
+
+    def __init__(self, rho: float, num_prefix_tokens: int = 1):
+        super().__init__()
+        _check_rho(rho)
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise TrptsValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+        self.rho = float(rho)
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def num_kept(self, num_tokens: int) -> int:
+        """k for an input of ``num_tokens`` tokens (prefix included)."""
+        return max(1, math.floor(self.rho * (num_tokens - self.num_prefix_tokens)))
+
+    def output_tokens(self, num_tokens: int) -> int:
+        """Tokens out for ``num_tokens`` in: ``P + k + 1``, or ``num_tokens`` if nothing merges."""
+        k = self.num_kept(num_tokens)
+        n = num_tokens - self.num_prefix_tokens
+        return num_tokens if k >= n else self.num_prefix_tokens + k + 1
+
+    def forward(self, x: Tensor, scores: Tensor, return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """See the class docstring. With ``return_indices``, also the kept positions
+        ``(B, k)`` int64 among the input's non-prefix tokens, ascending."""
+        p = self.num_prefix_tokens
+        b, num_tokens, _ = x.shape
+        n = num_tokens - p
+        if n < 1:
+            raise TrptsValueError(f"x has {num_tokens} tokens, no more than num_prefix_tokens={p}")
+        if scores.shape != (b, n):
+            raise TrptsValueError(f"scores must have shape (B, N - P) = {(b, n)}, got {tuple(scores.shape)}")
+        k = self.num_kept(num_tokens)
+        if k >= n:
+            kept = torch.arange(n, device=x.device).expand(b, n)
+            return (x, kept) if return_indices else x
+        scores = scores.float()
+        # Stable descending sort: equal scores keep their order, so ties go to lower indices.
+        order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices
+        kept = order[:, :k].sort(dim=1).values
+        patches = x[:, p:]
+        kept_tokens = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        weights = scores.scatter(1, kept, 0.0)  # eq. 10 numerator weights: a_i on merged tokens
+        with torch.autocast(x.device.type, enabled=False):
+            denom = weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            merged = torch.bmm((weights / denom).unsqueeze(1), patches.float()).to(x.dtype)
+        out = torch.cat([x[:, :p], kept_tokens, merged], dim=1)
+        return (out, kept) if return_indices else out
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
+def _check_rho(rho: float) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
+        raise TrptsValueError(f"rho must be in (0, 1] (the fraction of patch tokens kept), got {rho!r}")
+
+
+# ---- wrapping a model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """The token-selection configuration of a wrapped model (travels with task deltas)."""
+
+    layers: tuple[int, ...]
+    rho: float
+    num_prefix_tokens: int
+    placement: str
+    family: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "rho": self.rho, "num_prefix_tokens": self.num_prefix_tokens,
+                "placement": self.placement, "family": self.family}
+
+
+@dataclass
+class _BlockState:
+    """Per-wrapped-block state: the reducer, the captured CLS query and keys, restore info."""
+
+    reducer: TokenSelectMerge
+    to_heads: Callable[[Tensor], Tensor]
+    scale: float
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    q_cls: Tensor | None = None
+    k: Tensor | None = None
+    record: list[Tensor] | None = None
+
+    def capture_q(self, module: nn.Module, args: Any, out: Tensor) -> None:
+        self.q_cls = self.to_heads(out)[:, :, 0]
+
+    def capture_k(self, module: nn.Module, args: Any, out: Tensor) -> None:
+        self.k = self.to_heads(out)
+
+    def reduce(self, x: Tensor) -> Tensor:
+        """The reducing step, called by the patched block between attention and MLP."""
+        reducer = self.reducer
+        if reducer.output_tokens(x.shape[1]) == x.shape[1]:
+            self.q_cls = self.k = None
+            if self.record is not None:
+                self.record.append(torch.arange(x.shape[1] - reducer.num_prefix_tokens,
+                                                device=x.device).expand(x.shape[0], -1))
+            return x
+        if self.q_cls is None or self.k is None:
+            raise TrptsRuntimeError("the block's attention did not run its query/key modules; "
+                                    "cannot score tokens")
+        scores = cls_attention(self.q_cls, self.k, self.scale, reducer.num_prefix_tokens)
+        self.q_cls = self.k = None
+        out, kept = reducer(x, scores, return_indices=True)
+        if self.record is not None:
+            self.record.append(kept)
+        return out
+
+
+_CONFIG_ATTR = "_trpts_token_config"  # plain attributes: state_dict() keys never change
+_STATE_ATTR = "_trpts_tokens"
+
+
+def get_token_config(model: nn.Module) -> TokenConfig | None:
+    """The :class:`TokenConfig` of a model wrapped by :func:`wrap_vit`, or ``None``."""
+    return getattr(unwrap_model(model), _CONFIG_ATTR, None)
+
+
+def _wrapped_states(model: nn.Module) -> dict[int, _BlockState]:
+    base = unwrap_model(model)
+    config = get_token_config(base)
+    if config is None:
+        raise TrptsRuntimeError("the model is not wrapped by trpts.wrap_vit")
+    blocks = get_adapter(base).blocks(base)
+    return {i: getattr(blocks[i], _STATE_ATTR) for i in config.layers}
+
+
+def choose_layers(depth: int, num_layers: int, selection: Selection | None, placement: Placement,
+                  seed: int = 0) -> list[int]:
+    """Block indices for ``num_layers`` reducing blocks (ascending).
+
+    ``"sparse"``: the blocks with the fewest selected weights (the paper's sparse insertion;
+    ties to lower index); ``"dense"``: those with the most; ``"random"``: uniformly at random
+    (``seed``). Block 0 is never chosen by sparse/dense placement ties alone: all blocks count.
+    """
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= depth:
+        raise TrptsValueError(f"num_layers must be an integer in 1..{depth} (the model's depth), got {num_layers!r}")
+    if placement == "random":
+        return sorted(random.Random(seed).sample(range(depth), num_layers))
+    if placement not in ("sparse", "dense"):
+        raise TrptsValueError(f"placement must be 'sparse', 'dense' or 'random', got {placement!r}")
+    if selection is None:
+        raise TrptsValueError(f"placement={placement!r} needs a selection (or pass layers=[...])")
+    counts = {i: selection.block_counts.get(i, 0) for i in range(depth)}
+    sign = 1 if placement == "sparse" else -1
+    ranked = sorted(counts, key=lambda i: (sign * counts[i], i))
+    return sorted(ranked[:num_layers])
+
+
+def wrap_vit(
+    model: nn.Module,
+    selection: Selection | None = None,
+    *,
+    rho: float = 0.7,
+    layers: Sequence[int] | None = None,
+    num_layers: int = 3,
+    placement: Placement = "sparse",
+    seed: int = 0,
+) -> nn.Module:
+    """Patch ``model`` in place so chosen blocks keep their top tokens and merge the rest.
+
+    Args:
+        model: timm ``VisionTransformer`` (``global_pool='token'``; DeiT distilled; register
+            tokens; LayerScale; qk_norm) or Hugging Face ``ViTModel`` /
+            ``ViTForImageClassification``; DDP / compile wrappers are looked through.
+        selection: a :class:`~trpts.Selection` for ``placement="sparse"`` / ``"dense"``.
+        rho: select rate in ``(0, 1]`` (eq. 9).
+        layers: explicit reducing block indices (overrides ``num_layers``/``placement``).
+        num_layers: how many reducing blocks to choose.
+        placement: ``"sparse"`` (fewest selected weights, the paper's choice), ``"dense"``,
+            or ``"random"`` (``seed``): the Table 5 ablation.
+
+    Each reducing block runs its own attention unchanged (fused SDPA included), then scores
+    the tokens with its own [CLS] query and keys (eq. 8; only that row is recomputed) and
+    reduces them before its MLP. Works in training and inference, under autocast and
+    ``torch.compile``. ``state_dict()`` keys do not change. Undo with :func:`unwrap_vit`.
+
+    Returns:
+        ``model`` itself.
+    """
+    if not isinstance(model, nn.Module):
+        raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_rho(rho)
+    base = unwrap_model(model)
+    if get_token_config(base) is not None:
+        raise TrptsRuntimeError("the model is already wrapped; call trpts.unwrap_vit(model) first")
+    adapter = get_adapter(base)
+    adapter.check_token_support(base)
+    blocks = list(adapter.blocks(base))
+    depth = len(blocks)
+    if layers is not None:
+        chosen = sorted({int(i) for i in layers})
+        bad = [i for i in chosen if not 0 <= i < depth]
+        if not chosen or bad:
+            raise TrptsValueError(f"layers must be non-empty block indices in 0..{depth - 1}, got {list(layers)}")
+        placement_name = "explicit"
+    else:
+        chosen = choose_layers(depth, num_layers, selection, placement, seed)
+        placement_name = placement
+    prefix = adapter.num_prefix_tokens(base)
+    for i in chosen:
+        adapter.check_block(blocks[i])  # validate every block before patching any
+
+    for i in chosen:
+        block = blocks[i]
+        q_mod, k_mod, to_heads = adapter.query_key(block)
+        state = _BlockState(TokenSelectMerge(rho, prefix), to_heads, adapter.attention_scale(block))
+        state.hooks = [q_mod.register_forward_hook(state.capture_q), k_mod.register_forward_hook(state.capture_k)]
+        block.forward = types.MethodType(adapter.reducing_forward(block), block)  # instance-level patch
+        setattr(block, _STATE_ATTR, state)
+    setattr(base, _CONFIG_ATTR, TokenConfig(tuple(chosen), float(rho), prefix, placement_name, adapter.family))
+    return model
+
+
+def unwrap_vit(model: nn.Module) -> nn.Module:
+    """Restore the original block behaviour of a model patched by :func:`wrap_vit`."""
+    base = unwrap_model(model)
+    states = _wrapped_states(base)
+    blocks = get_adapter(base).blocks(base)
+    for i, state in states.items():
+        for hook in state.hooks:
+            hook.remove()
+        del blocks[i].forward
+        delattr(blocks[i], _STATE_ATTR)
+    delattr(base, _CONFIG_ATTR)
+    return model
+
+
+@contextmanager
+def record_kept_tokens(model: nn.Module) -> Iterator[dict[int, list[Tensor]]]:
+    """Collect, per reducing block, the kept positions ``(B, k)`` of every forward pass inside
+    the context (among that block's input non-prefix tokens)."""
+    states = _wrapped_states(model)
+    records: dict[int, list[Tensor]] = {i: [] for i in states}
+    for i, state in states.items():
+        state.record = records[i]
+    try:
+        yield records
+    finally:
+        for state in states.values():
+            state.record = None
