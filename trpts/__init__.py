@@ -24,6 +24,7 @@ from .errors import (
     WeightDecayError,
 )
 from .fisher import compute_fisher, default_scored_parameters
+from .flops import count_flops, token_counts
 from .masking import MaskHandle, apply_masks, get_mask_handle
 from .tokens import (
     TokenConfig,
@@ -59,10 +60,12 @@ __all__ = [
     "apply_masks",
     "cls_attention",
     "compute_fisher",
+    "count_flops",
     "default_scored_parameters",
     "get_mask_handle",
     "get_token_config",
     "record_kept_tokens",
+    "token_counts",
     "unwrap_vit",
     "wrap_vit",
 ]

@@ -71,6 +71,11 @@ class ModelAdapter(ABC):
         """The scale the block's attention multiplies ``q k^T`` by."""
         raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
 
+    def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The block's attention part (runs on all input tokens) and MLP part (runs on the
+        tokens left after the reduction), for FLOP counting."""
+        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+
     def reducing_forward(self, block: nn.Module) -> BlockForward:
         """The block's forward with the reducing step between attention and MLP."""
         raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")

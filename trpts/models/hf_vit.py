@@ -100,6 +100,11 @@ class HFViTAdapter(ModelAdapter):
         inner = attention.attention
         return float(getattr(inner, "scaling", inner.attention_head_size ** -0.5))
 
+    def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        if hasattr(block, "mlp"):  # transformers >= 5.9
+            return block.attention, block.mlp
+        return block.attention, nn.ModuleList([block.intermediate, block.output])
+
     def reducing_forward(self, block: nn.Module) -> BlockForward:
         return _reducing_layer_forward if hasattr(block.attention, "q_proj") else _reducing_layer_forward_v4
 

@@ -71,6 +71,9 @@ class TimmViTAdapter(ModelAdapter):
     def attention_scale(self, block: nn.Module) -> float:
         return float(block.attn.scale)
 
+    def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return block.attn, block.mlp
+
     def reducing_forward(self, block: nn.Module) -> BlockForward:
         return _reducing_block_forward
 

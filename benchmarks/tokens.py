@@ -1,0 +1,131 @@
+"""Speed of token selection (``trpts.wrap_vit``) against the dense model, next to the FLOP count.
+
+For each model and each (rho, number of reducing blocks): inference throughput (batch 32),
+latency (batch 1) and a training step (forward + backward) of the wrapped model against the
+dense one, in one process, both on the same attention kernel (SDPA), medians of several runs.
+The goal: measured speed-up >= 0.9 x the speed-up the FLOP ratio predicts.
+
+Usage::
+
+    python benchmarks/tokens.py                      # vit_small + vit_base, full grid (GPU-sized)
+    python benchmarks/tokens.py --models vit_small_patch16_224 --rhos 0.7 0.5 --blocks 1 3
+    python benchmarks/tokens.py --quick              # seconds; run by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, median_seconds, table  # noqa: E402
+
+import trpts  # noqa: E402
+
+LAYERS = {1: [3], 2: [3, 6], 3: [3, 6, 9]}  # evenly spaced reducing blocks (as in EViT)
+
+
+def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str, object]]:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=4, depth=4) if args.quick else {}
+    model = timm.create_model(name, pretrained=False, **kwargs).to(args.device)
+    img = 32 if args.quick else 224
+    x_tp = torch.randn(args.batch, 3, img, img, device=args.device)
+    x_lat = x_tp[:1]
+    x_tr, y_tr = x_tp[: args.train_batch], torch.randint(0, 1000, (args.train_batch,), device=args.device)
+    amp = torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    layers = {1: [1], 2: [1, 2], 3: [1, 2, 3]} if args.quick else LAYERS
+
+    def run_infer(x: torch.Tensor) -> None:
+        with torch.inference_mode(), amp:
+            model(x)
+
+    def run_train() -> None:
+        model.zero_grad(set_to_none=True)
+        with amp:
+            loss = F.cross_entropy(model(x_tr), y_tr)
+        loss.backward()
+
+    def measure() -> dict[str, float]:
+        model.eval()
+        t_tp = median_seconds(lambda: run_infer(x_tp), args.repeats)[0]
+        t_lat = median_seconds(lambda: run_infer(x_lat), args.repeats)[0]
+        model.train()
+        t_tr = median_seconds(run_train, args.repeats)[0]
+        return {"tp": args.batch / t_tp, "lat": t_lat, "train": t_tr,
+                "flops": trpts.count_flops(model, (1, 3, img, img))}
+
+    dense = measure()
+    bar.update()
+    rows = [_row(name, "dense", "-", dense, dense, trpts.token_counts(model, (3, img, img))[-1][1])]
+    for rho in args.rhos:
+        for n_blocks in args.blocks:
+            trpts.wrap_vit(model, rho=rho, layers=layers[n_blocks])
+            result = measure()
+            final = trpts.token_counts(model, (3, img, img))[-1][1]
+            trpts.unwrap_vit(model)
+            rows.append(_row(name, f"{rho:g}", str(layers[n_blocks]), result, dense, final))
+            bar.update()
+    return rows
+
+
+def _row(name: str, rho: str, layers: str, r: dict[str, float], dense: dict[str, float],
+         final_tokens: int) -> dict[str, object]:
+    flop_gain = dense["flops"] / r["flops"]
+    tp_gain = r["tp"] / dense["tp"]
+    return {
+        "model": name, "rho": rho, "blocks": layers, "tokens out": final_tokens,
+        "GFLOPs/img": f"{r['flops'] / 1e9:.2f}", "FLOP speed-up": f"{flop_gain:.3f}x",
+        "img/s (batch)": f"{r['tp']:.1f}", "speed-up": f"{tp_gain:.3f}x",
+        "speed-up / FLOP speed-up": f"{tp_gain / flop_gain:.2f}",
+        "latency ms (b=1)": f"{1e3 * r['lat']:.1f}", "latency speed-up": f"{dense['lat'] / r['lat']:.3f}x",
+        "train step speed-up": f"{dense['train'] / r['train']:.3f}x",
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few configs (seconds)")
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--rhos", nargs="+", type=float, default=[0.9, 0.7, 0.5])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3],
+                        help="numbers of reducing blocks (at blocks 3 / 3,6 / 3,6,9)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size for throughput")
+    parser.add_argument("--train-batch", type=int, default=None, help="batch for the training step (default: --batch)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.rhos, args.blocks = ["vit_tiny_patch16_224"], [0.5], [1, 2]
+        args.batch, args.repeats = 4, 1
+    args.train_batch = args.train_batch or args.batch
+    total = len(args.models) * (1 + len(args.rhos) * len(args.blocks))
+    rows: list[dict[str, object]] = []
+    with tqdm(total=total, desc="configs", disable=args.no_progress) as bar:
+        for name in args.models:
+            rows += bench_model(name, args, bar)
+    report = {"machine": machine(), "device": args.device, "bf16": args.bf16, "repeats": args.repeats,
+              "batch": args.batch, "train_batch": args.train_batch,
+              "command": "python benchmarks/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "rows": rows}
+    print(f"# trpts token-selection benchmark\n{report['machine']} | device {args.device} | "
+          f"bf16 {args.bf16} | batch {args.batch} | train batch {args.train_batch} | medians of {args.repeats}\n")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

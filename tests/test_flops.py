@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import IMG, MODEL_FACTORIES
+from torch.utils.flop_counter import FlopCounterMode
+
+import trpts
+
+
+def _explicit_attention(model):
+    """Switch to the attention's explicit-matmul path: FlopCounterMode does not count CPU SDPA."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+
+
+def _measured(model, size):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(*size))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
+@pytest.mark.parametrize("wrap", [None, dict(rho=0.5, layers=[0]), dict(rho=0.3, layers=[0, 1])],
+                         ids=["dense", "one-block", "two-blocks"])
+def test_analytic_flops_match_flop_counter(family, wrap):
+    model = MODEL_FACTORIES[family]().eval()
+    _explicit_attention(model)
+    if wrap:
+        trpts.wrap_vit(model, **wrap)
+    size = (2, 3, IMG, IMG)
+    assert trpts.count_flops(model, size) == _measured(model, size)
+
+
+def test_token_counts_and_savings():
+    model = MODEL_FACTORIES["timm"]()
+    dense = trpts.count_flops(model, (1, 3, IMG, IMG))
+    trpts.wrap_vit(model, rho=0.5, layers=[0])
+    assert trpts.token_counts(model, (3, IMG, IMG)) == [(17, 10), (10, 10)]  # 1 + 8 kept + 1 merged
+    assert trpts.count_flops(model, (3, IMG, IMG)) < dense
+    with pytest.raises(ValueError, match="input_size"):
+        trpts.count_flops(model, (IMG, IMG))

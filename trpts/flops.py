@@ -1,0 +1,97 @@
+"""Analytical FLOPs of a (wrapped) ViT, from its modules and the token count of every block.
+
+Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts, i.e. matrix products and
+convolutions at 2 FLOPs per multiply-add: every ``nn.Linear`` (on the tokens it sees), the
+attention products ``q k^T`` and ``A v``, the patch-embedding convolution, the [CLS] scoring
+and the merge of reducing blocks, and the head. Element-wise work (norms, softmax, GELU) is
+not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ._utils import unwrap_model
+from .errors import TrptsValueError
+from .models import get_adapter
+from .tokens import TokenSelectMerge, get_token_config
+
+__all__ = ["count_flops", "token_counts"]
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _patches(conv: nn.Module, height: int, width: int) -> int:
+    if not isinstance(conv, nn.Conv2d):
+        raise TrptsValueError(f"the patch embedding is a {type(conv).__name__}, not an nn.Conv2d")
+    dims = []
+    for size, k, s, p, d in zip((height, width), conv.kernel_size, conv.stride, conv.padding,
+                                conv.dilation, strict=True):
+        dims.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return dims[0] * dims[1]
+
+
+def token_counts(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int, int]]:
+    """``(tokens in, tokens after the block's reduction)`` for every block, for one image of
+    ``input_size = (B, C, H, W)`` or ``(C, H, W)``."""
+    base = unwrap_model(model)
+    adapter = get_adapter(base)
+    height, width = int(input_size[-2]), int(input_size[-1])
+    n = _patches(adapter.patch_embedding(base), height, width) + adapter.num_prefix_tokens(base)
+    config = get_token_config(base)
+    reducer = TokenSelectMerge(config.rho, config.num_prefix_tokens) if config else None
+    counts = []
+    for i in range(len(adapter.blocks(base))):
+        out = reducer.output_tokens(n) if reducer is not None and i in config.layers else n
+        counts.append((n, out))
+        n = out
+    return counts
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
+    """FLOPs of one forward pass of ``model`` on a batch of ``input_size = (B, C, H, W)``.
+
+    Uses the token counts the model's current :func:`~trpts.wrap_vit` configuration produces
+    (the dense model when unwrapped). Matches ``FlopCounterMode`` on the same model (with the
+    attention's explicit-matmul path, since CPU SDPA kernels are not counted there).
+    """
+    if len(input_size) not in (3, 4):
+        raise TrptsValueError(f"input_size must be (B, C, H, W) or (C, H, W), got {tuple(input_size)}")
+    batch = int(input_size[0]) if len(input_size) == 4 else 1
+    base = unwrap_model(model)
+    adapter = get_adapter(base)
+    blocks = list(adapter.blocks(base))
+    patch = adapter.patch_embedding(base)
+    height, width = int(input_size[-2]), int(input_size[-1])
+    num_patches = _patches(patch, height, width)
+    flops = 2 * num_patches * patch.weight.numel()
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for linear in _linears(base):  # outside the blocks: head(s), pooler, on one token each
+        if id(linear) not in inside:
+            flops += 2 * linear.in_features * linear.out_features
+    for block, (n_in, n_out) in zip(blocks, token_counts(base, input_size), strict=True):
+        attention, mlp = adapter.attention_and_mlp(block)
+        for linear in _linears(attention):
+            flops += 2 * n_in * linear.in_features * linear.out_features
+        q_module, _, _ = adapter.query_key(block)
+        width_qk = q_module.out_features if isinstance(q_module, nn.Linear) else _qkv_width(attention)
+        flops += 4 * n_in * n_in * width_qk  # q k^T and A v over all heads
+        for linear in _linears(mlp):
+            flops += 2 * n_out * linear.in_features * linear.out_features
+        if n_out != n_in:  # [CLS] scoring (eq. 8) and the merge (eq. 10)
+            n_patch = n_in - adapter.num_prefix_tokens(base)
+            dim = _linears(mlp)[0].in_features
+            flops += 2 * n_patch * width_qk + 2 * n_patch * dim
+    return batch * flops
+
+
+def _qkv_width(attention: nn.Module) -> int:
+    """Query width (heads x head_dim) of an attention with a fused qkv projection."""
+    qkv = getattr(attention, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        return qkv.out_features // 3
+    raise TrptsValueError(f"cannot infer the attention width of {type(attention).__name__}")
