@@ -33,3 +33,10 @@ def test_selection_benchmark_quick(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["command"].startswith("python benchmarks/selection.py --quick")
     assert len(report["rows"]) == 5
+
+
+def test_visualize_tokens_example_writes_a_png(tmp_path):
+    out = _run("examples/visualize_tokens.py", "--source-epochs", "1", "--no-progress", "--no-cache",
+               "--out", str(tmp_path / "kept.png"))
+    assert "reducing blocks" in out
+    assert (tmp_path / "kept.png").read_bytes()[:4] == b"\x89PNG"

@@ -251,3 +251,17 @@ def test_bad_input_leaves_model_untouched():
         trpts.TokenSelectMerge(0.5, num_prefix_tokens=-1)
     with pytest.raises(ValueError, match="scores"):
         trpts.TokenSelectMerge(0.5)(torch.randn(1, 5, 2), torch.rand(1, 5))
+
+
+def test_unrecognized_block_type_is_refused_before_patching():
+    from timm.models.vision_transformer import ResPostBlock
+
+    model = make_timm_vit(depth=2, block_fn=ResPostBlock).eval()
+    x = make_batches(1, 2)[0][0]
+    ref = model(x)
+    with pytest.raises(ValueError, match="ResPostBlock") as info:
+        trpts.wrap_vit(model, rho=0.5, layers=[0, 1])
+    assert isinstance(info.value, trpts.TrptsError)
+    assert trpts.get_token_config(model) is None
+    assert all("forward" not in vars(b) and not b.attn.q_norm._forward_hooks for b in model.blocks)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)

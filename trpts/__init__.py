@@ -35,6 +35,7 @@ from .tokens import (
     unwrap_vit,
     wrap_vit,
 )
+from .viz import kept_patches, plot_kept_tokens
 
 try:
     __version__ = version("trpts")
@@ -64,6 +65,8 @@ __all__ = [
     "default_scored_parameters",
     "get_mask_handle",
     "get_token_config",
+    "kept_patches",
+    "plot_kept_tokens",
     "record_kept_tokens",
     "token_counts",
     "unwrap_vit",
