@@ -205,7 +205,7 @@ def choose_layers(depth: int, num_layers: int, selection: Selection | None, plac
 
     ``"sparse"``: the blocks with the fewest selected weights (the paper's sparse insertion;
     ties to lower index); ``"dense"``: those with the most; ``"random"``: uniformly at random
-    (``seed``). Block 0 is never chosen by sparse/dense placement ties alone: all blocks count.
+    (``seed``). Every block is a candidate.
     """
     if not isinstance(num_layers, int) or not 1 <= num_layers <= depth:
         raise TrptsValueError(f"num_layers must be an integer in 1..{depth} (the model's depth), got {num_layers!r}")
