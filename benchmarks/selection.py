@@ -14,7 +14,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median_seconds, table
+from common import median_seconds, report
 
 import trpts
 
@@ -93,14 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         repeats = args.repeats or 5
         rows = fisher_vs_backward(args.model, 224, args.batch, args.batches, repeats, progress, args.device)
         rows += allocation("vit_base_patch16_224", repeats, budget=0.005)
-    report = {"machine": machine(), "device": args.device, "repeats": repeats,
-              "command": "python benchmarks/selection.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "rows": rows}
-    print(f"# trpts selection benchmark\n{report['machine']} | device {args.device} | medians of {repeats}\n")
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    settings = {"device": args.device, "repeats": repeats}
+    return report("trpts selection benchmark", "selection.py", argv, settings, rows, args.json)
 
 
 if __name__ == "__main__":

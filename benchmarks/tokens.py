@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -29,21 +27,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table
+from common import report, timed
 
 import trpts
 
 LAYERS = {1: [3], 2: [3, 6], 3: [3, 6, 9]}  # evenly spaced reducing blocks (as in EViT)
-
-
-def _timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str, object]]:
@@ -71,9 +59,9 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
 
     def one_round() -> dict[str, float]:
         model.eval()
-        tp, lat = _timed(lambda: run_infer(x_tp)), _timed(lambda: run_infer(x_lat))
+        tp, lat = timed(lambda: run_infer(x_tp)), timed(lambda: run_infer(x_lat))
         model.train()
-        return {"tp": tp, "lat": lat, "train": _timed(run_train)}
+        return {"tp": tp, "lat": lat, "train": timed(run_train)}
 
     dense_flops = trpts.count_flops(model, (1, 3, img, img))
     dense_tokens = trpts.token_counts(model, (3, img, img))[-1][1]
@@ -139,16 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     with tqdm(total=total, desc="configs", disable=args.no_progress) as bar:
         for name in args.models:
             rows += bench_model(name, args, bar)
-    report = {"machine": machine(), "device": args.device, "bf16": args.bf16, "repeats": args.repeats,
-              "batch": args.batch, "train_batch": args.train_batch,
-              "command": "python benchmarks/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "rows": rows}
-    print(f"# trpts token-selection benchmark\n{report['machine']} | device {args.device} | "
-          f"bf16 {args.bf16} | batch {args.batch} | train batch {args.train_batch} | medians of {args.repeats}\n")
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    settings = {"device": args.device, "bf16": args.bf16, "batch": args.batch, "train_batch": args.train_batch,
+                "repeats": args.repeats}
+    return report("trpts token-selection benchmark", "tokens.py", argv, settings, rows, args.json)
 
 
 if __name__ == "__main__":

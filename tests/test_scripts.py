@@ -40,3 +40,12 @@ def test_visualize_tokens_example_writes_a_png(tmp_path):
                "--out", str(tmp_path / "kept.png"))
     assert "reducing blocks" in out
     assert (tmp_path / "kept.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tokens_benchmark_quick(tmp_path):
+    out = _run("benchmarks/tokens.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    assert "speed-up / FLOP speed-up" in out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["rho"] for r in rows] == ["dense", "0.5", "0.5"]
+    assert rows[0]["tokens out"] == 65 and rows[1]["tokens out"] == 34
+    assert float(rows[2]["FLOP speed-up"].rstrip("x")) > float(rows[1]["FLOP speed-up"].rstrip("x")) > 1
