@@ -13,7 +13,18 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .allocation import MatrixAllocation, Selection, allocate_connections
+from .delta import (
+    DeltaHandle,
+    activate_delta,
+    load_delta,
+    loaded_deltas,
+    merge_delta,
+    read_delta,
+    save_delta,
+)
 from .errors import (
+    DeltaFormatError,
+    FingerprintMismatchError,
     TrptsError,
     TrptsKeyError,
     TrptsRuntimeError,
@@ -43,6 +54,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "DeltaFormatError",
+    "DeltaHandle",
+    "FingerprintMismatchError",
     "MaskHandle",
     "MatrixAllocation",
     "Selection",
@@ -57,6 +71,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightDecayError",
     "__version__",
+    "activate_delta",
     "allocate_connections",
     "apply_masks",
     "cls_attention",
@@ -66,8 +81,13 @@ __all__ = [
     "get_mask_handle",
     "get_token_config",
     "kept_patches",
+    "load_delta",
+    "loaded_deltas",
+    "merge_delta",
     "plot_kept_tokens",
+    "read_delta",
     "record_kept_tokens",
+    "save_delta",
     "token_counts",
     "unwrap_vit",
     "wrap_vit",

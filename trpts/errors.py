@@ -8,6 +8,8 @@ Every error is a :class:`TrptsError` and also subclasses the matching built-in
 from __future__ import annotations
 
 __all__ = [
+    "DeltaFormatError",
+    "FingerprintMismatchError",
     "TrptsError",
     "TrptsKeyError",
     "TrptsRuntimeError",
@@ -48,6 +50,14 @@ class UnsupportedModelError(TrptsError, TypeError):
 
 class WeightDecayError(TrptsError, RuntimeError):
     """An optimizer would apply weight decay to frozen entries of a masked weight."""
+
+
+class DeltaFormatError(TrptsValueError):
+    """A file is not a readable trpts delta (not safetensors, not trpts, truncated, newer format)."""
+
+
+class FingerprintMismatchError(TrptsValueError):
+    """A delta was trained on another backbone than the model it is loaded onto."""
 
 
 class TrptsWarning(UserWarning):

@@ -47,6 +47,8 @@ class MaskHandle:
 
     Attributes:
         selection: the :class:`~trpts.Selection` that was applied.
+        base_values: ``{name: 1-D tensor}`` the values at the selected entries when the masks
+            were applied (the pretrained values; they fingerprint the backbone in deltas).
         masked: ``{name: parameter}`` of weights with frozen entries (hooked).
         full: ``{name: parameter}`` of fully trainable parameters (head, biases, extras,
             and selected weights whose every entry is selected).
@@ -243,6 +245,7 @@ def apply_masks(
 
     masked: dict[str, nn.Parameter] = {}
     frozen: dict[str, Tensor] = {}
+    base_values: dict[str, Tensor] = {}  # pretrained values at the selected entries (delta fingerprint)
     full: dict[str, nn.Parameter] = {}
     for name in selection:
         p = named.get(name)
@@ -262,6 +265,7 @@ def apply_masks(
         else:
             masked[name] = p
             frozen[name] = (~mask).to(p.device)
+        base_values[name] = p.detach().reshape(-1)[selection.flat_indices(name).to(p.device)].clone()
     if train_head:
         try:
             adapter = get_adapter(base)
@@ -285,5 +289,6 @@ def apply_masks(
         full.setdefault(name, named[name])
 
     handle = MaskHandle(base, selection, masked, frozen, full)
+    handle.base_values = base_values
     handle._install()
     return handle

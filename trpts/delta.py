@@ -1,0 +1,498 @@
+"""Task deltas: the selected values of a TR-PTS fine-tune in one small safetensors file.
+
+One frozen backbone, many tasks: :func:`save_delta` writes the trained values at the selected
+entries (rows implicit, columns as uint16), the fully trained tensors (head, biases if
+trained), the token-selection configuration and a fingerprint of the backbone;
+:func:`load_delta` puts a delta onto a backbone in place, :func:`activate_delta` switches
+between loaded tasks, :func:`merge_delta` bakes one into a plain state dict. The format is
+specified in ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import unwrap_model
+from .errors import (
+    DeltaFormatError,
+    FingerprintMismatchError,
+    TrptsKeyError,
+    TrptsRuntimeError,
+    TrptsTypeError,
+    TrptsValueError,
+)
+from .masking import MaskHandle, get_mask_handle
+from .models import find_adapter
+from .tokens import get_token_config, unwrap_vit, wrap_vit
+
+__all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
+
+FORMAT_NAME = "trpts-delta"
+FORMAT_VERSION = 1
+_BANK_ATTR = "_trpts_deltas"
+PathLike = str | os.PathLike[str]
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def fingerprint(entries: Mapping[str, tuple[tuple[int, ...], Tensor]]) -> str:
+    """SHA-256 over ``name``, ``shape`` and the float32 bytes of the backbone's values at the
+    selected entries, in name order: what decides whether a delta fits a backbone."""
+    digest = hashlib.sha256()
+    for name in sorted(entries):
+        shape, values = entries[name]
+        digest.update(name.encode())
+        digest.update(json.dumps(list(shape)).encode())
+        digest.update(values.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    return f"{type(model).__name__}" + (f":{arch}" if arch else "")
+
+
+def _head_paths(model: nn.Module) -> list[str]:
+    adapter = find_adapter(model)
+    if adapter is None:
+        return []
+    ids = {id(h) for h in adapter.heads(model)}
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
+def _atomic_write(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = None,
+               dtype: torch.dtype | None = None, name: str | None = None,
+               metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the task delta of a model trained with :func:`trpts.apply_masks`.
+
+    Args:
+        model: the trained model (its active :class:`~trpts.MaskHandle` tells what was trained).
+        path: the ``.safetensors`` file to write (atomically: temporary file + rename).
+        handle: the mask handle, if it was already removed from the model.
+        dtype: store values as this dtype (``torch.float16`` / ``torch.bfloat16``); default:
+            the training dtype, so that reloading is exact.
+        name: the task's default name when loaded (default: the file's stem).
+        metadata: extra JSON-serializable information kept under ``"user"``.
+
+    Returns:
+        The path written.
+    """
+    base = unwrap_model(model)
+    handle = handle if handle is not None else get_mask_handle(base)
+    if handle is None:
+        raise TrptsRuntimeError("save_delta needs the model's MaskHandle: call trpts.apply_masks(model, "
+                                "selection) before training, or pass handle=")
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TrptsValueError(f"dtype must be a floating dtype such as torch.float16, got {dtype!r}")
+    selection = handle.selection
+    params = dict(base.named_parameters())
+    heads = _head_paths(base)
+    tensors: dict[str, Tensor] = {}
+    matrices: dict[str, Any] = {}
+    for m, info in selection.matrices.items():
+        p = params[m]
+        idx = selection.indices(m)
+        values = p.detach().reshape(info.rows, info.fan_in).gather(1, idx.to(p.device))
+        tensors[f"values:{m}"] = values.to(dtype or p.dtype).cpu().contiguous()
+        tensors[f"columns:{m}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
+        matrices[m] = {"shape": list(info.shape), "rows": info.rows, "fan_in": info.fan_in,
+                       "connections": info.connections, "layer": info.layer, "block": info.block,
+                       "share": info.share}
+    full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
+    for n, p in full.items():
+        tensors[f"full:{n}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
+    base_values = getattr(handle, "base_values", None)
+    if base_values is None:  # pragma: no cover - handles always record them
+        raise TrptsRuntimeError("the MaskHandle has no recorded pretrained values; re-apply the masks")
+    tokens = get_token_config(base)
+    adapter = find_adapter(base)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "trpts_version": _version(),
+        "name": name or Path(path).stem,
+        "family": adapter.family if adapter else None,
+        "architecture": _architecture(base),
+        "matrices": matrices,
+        "full": {n: list(p.shape) for n, p in full.items()},
+        "heads": [h for h in heads if any(n.startswith(h + ".") for n in full)],
+        "tokens": tokens.to_dict() if tokens else None,
+        "selection": selection.config,
+        "fingerprint": fingerprint({m: (tuple(selection.matrices[m].shape), base_values[m])
+                                    for m in selection.matrices}),
+        "user": dict(metadata or {}),
+    }
+    try:
+        text = json.dumps(meta)
+    except TypeError as err:
+        raise TrptsTypeError(f"metadata must be JSON-serializable: {err}") from None
+    path = Path(path)
+    _atomic_write(tensors, {"format": FORMAT_NAME, "trpts": text}, path)
+    return path
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def read_delta(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and validate a delta file: ``(metadata, tensors)``. Raises
+    :class:`~trpts.errors.DeltaFormatError` for anything that is not a complete trpts delta."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no delta file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT_NAME or "trpts" not in header:
+                raise DeltaFormatError(f"{path} is a safetensors file but not a trpts delta (no "
+                                       f"'format: {FORMAT_NAME}' in its metadata)")
+            meta = json.loads(header["trpts"])
+            version = meta.get("format_version")
+            if not isinstance(version, int) or version > FORMAT_VERSION:
+                raise DeltaFormatError(f"{path} uses delta format {version!r}; this trpts ({_version()}) "
+                                       f"reads format <= {FORMAT_VERSION}: upgrade trpts")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError) as err:
+        raise DeltaFormatError(f"cannot read {path}: truncated or corrupted ({err})") from None
+    _validate(meta, tensors, path)
+    return meta, tensors
+
+
+def _validate(meta: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    expected: set[str] = set()
+    try:
+        for m, info in meta["matrices"].items():
+            expected |= {f"values:{m}", f"columns:{m}"}
+            shape = (info["rows"], info["connections"])
+            for key in (f"values:{m}", f"columns:{m}"):
+                if key not in tensors:
+                    raise DeltaFormatError(f"{path} lacks the tensor {key!r}")
+                if tuple(tensors[key].shape) != shape:
+                    raise DeltaFormatError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, "
+                                           f"expected {shape}")
+            cols = tensors[f"columns:{m}"].to(torch.int64)
+            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= info["fan_in"]):
+                raise DeltaFormatError(f"{path}: columns of {m!r} fall outside 0..{info['fan_in'] - 1}")
+        for n, shape in meta["full"].items():
+            expected.add(f"full:{n}")
+            if f"full:{n}" not in tensors:
+                raise DeltaFormatError(f"{path} lacks the tensor 'full:{n}'")
+            if list(tensors[f"full:{n}"].shape) != list(shape):
+                raise DeltaFormatError(f"{path}: 'full:{n}' has shape {list(tensors[f'full:{n}'].shape)}, "
+                                       f"expected {shape}")
+        meta["fingerprint"], meta["heads"]
+    except (KeyError, TypeError) as err:
+        raise DeltaFormatError(f"{path}: malformed trpts metadata ({err!r})") from None
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise DeltaFormatError(f"{path} holds tensors its metadata does not describe: {extra[:5]}")
+
+
+# ---- many tasks on one backbone ---------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    name: str
+    meta: dict[str, Any]
+    path: str
+    index: dict[str, Tensor]  # flat positions (int64, on the parameter's device)
+    values: dict[str, Tensor]  # trained values at those positions (parameter dtype/device)
+    base_values: dict[str, Tensor] = field(default_factory=dict)  # plain backbone values there
+    full: dict[str, Tensor] = field(default_factory=dict)  # fully trained non-head tensors
+    base_full: dict[str, Tensor] = field(default_factory=dict)
+    heads: dict[str, nn.Module] = field(default_factory=dict)  # module path -> this task's head
+    apply_tokens: bool = False
+
+
+class _Bank:
+    """Everything needed to switch a backbone between tasks exactly."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tasks: dict[str, _Task] = {}
+        self.active: str | None = None
+        self.original_heads = {p: model.get_submodule(p) for p in _head_paths(model)}
+        self.original_tokens = get_token_config(model)
+
+    def _set_module(self, path: str, module: nn.Module) -> None:
+        parent, _, attr = path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, attr, module)
+
+    def _set_tokens(self, config: dict[str, Any] | None) -> None:
+        if get_token_config(self.model) is not None:
+            unwrap_vit(self.model)
+        if config is not None:
+            wrap_vit(self.model, rho=config["rho"], layers=config["layers"])
+
+    @torch.no_grad()
+    def activate(self, name: str | None, tokens: bool = True) -> None:
+        if name == self.active:
+            return
+        self.deactivate()
+        if name is None:
+            return
+        task = self.tasks[name]
+        params = dict(self.model.named_parameters())
+        for m, idx in task.index.items():
+            params[m].view(-1).index_copy_(0, idx, task.values[m])
+        for n, v in task.full.items():
+            params[n].copy_(v)
+        for p, head in task.heads.items():
+            self._set_module(p, head)
+        if task.apply_tokens:
+            self._set_tokens(task.meta["tokens"])
+        self.active = name
+
+    @torch.no_grad()
+    def deactivate(self) -> None:
+        if self.active is None:
+            return
+        task = self.tasks[self.active]
+        params = dict(self.model.named_parameters())
+        for m, idx in task.index.items():
+            params[m].view(-1).index_copy_(0, idx, task.base_values[m])
+        for n, v in task.base_full.items():
+            params[n].copy_(v)
+        for p, head in self.original_heads.items():
+            if p in task.heads:
+                self._set_module(p, head)
+        if task.apply_tokens:
+            self._set_tokens(self.original_tokens.to_dict() if self.original_tokens else None)
+        self.active = None
+
+
+def _bank(model: nn.Module, create: bool = False) -> _Bank | None:
+    bank = getattr(model, _BANK_ATTR, None)
+    if bank is None and create:
+        bank = _Bank(model)
+    return bank
+
+
+class DeltaHandle:
+    """A task delta loaded onto a backbone (from :func:`load_delta`)."""
+
+    def __init__(self, model: nn.Module, name: str):
+        self._model = model
+        self.name = name
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The delta's metadata (format version, family, per-weight C_l, tokens, fingerprint, ...)."""
+        return dict(self._task().meta)
+
+    @property
+    def active(self) -> bool:
+        bank = _bank(self._model)
+        return bank is not None and bank.active == self.name
+
+    def _task(self) -> _Task:
+        bank = _bank(self._model)
+        if bank is None or self.name not in bank.tasks:
+            raise TrptsRuntimeError(f"the delta {self.name!r} was removed")
+        return bank.tasks[self.name]
+
+    def activate(self) -> None:
+        """Make this task the active one (same as ``activate_delta(model, name)``)."""
+        activate_delta(self._model, self.name)
+
+    def remove(self) -> None:
+        """Unload this task; if it is active, the backbone (head included) is restored bit-exactly."""
+        bank = _bank(self._model)
+        if bank is None or self.name not in bank.tasks:
+            return
+        if bank.active == self.name:
+            bank.deactivate()
+        del bank.tasks[self.name]
+        if not bank.tasks:
+            delattr(self._model, _BANK_ATTR)
+
+    def __repr__(self) -> str:
+        return f"DeltaHandle({self.name!r}, {'active' if self.active else 'inactive'})"
+
+
+def loaded_deltas(model: nn.Module) -> list[str]:
+    """Names of the deltas loaded on ``model``, in load order."""
+    bank = _bank(unwrap_model(model))
+    return list(bank.tasks) if bank else []
+
+
+def activate_delta(model: nn.Module, name: str | None) -> None:
+    """Switch the active task: rewrites only the selected entries, the fully trained tensors and
+    the head (and the token-selection configuration). ``None`` gives back the plain backbone."""
+    base = unwrap_model(model)
+    bank = _bank(base)
+    if name is None:
+        if bank is not None:
+            bank.deactivate()
+        return
+    if bank is None or name not in bank.tasks:
+        raise TrptsKeyError(f"no delta named {name!r} is loaded (loaded: {loaded_deltas(base)}); "
+                            "load it with trpts.load_delta(model, path, name=...)")
+    bank.activate(name)
+
+
+def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tokens: bool = True,
+               ignore_fingerprint: bool = False) -> DeltaHandle:
+    """Apply a task delta onto a pretrained backbone in place and make it the active task.
+
+    Args:
+        model: the backbone the delta was trained on (checked by fingerprint).
+        path: a file written by :func:`save_delta`.
+        name: the task's name (default: the name stored at save time). Must be new.
+        tokens: re-apply the token-selection configuration recorded at training time.
+            ``False`` keeps the model's current token behaviour.
+        ignore_fingerprint: load even onto a backbone whose values at the selected entries
+            differ from those the delta was trained on (at your own risk).
+
+    Transactional: on any error the model is exactly as before. Right after loading, a delta
+    stored in the training dtype gives outputs equal (``torch.equal``) to the trained model's.
+    """
+    base = unwrap_model(model)
+    meta, tensors = read_delta(path)
+    name = name or meta.get("name") or Path(path).stem
+    existing = _bank(base)
+    if existing is not None and name in existing.tasks:
+        raise TrptsValueError(f"a delta named {name!r} is already loaded; pass another name= "
+                              f"(loaded: {list(existing.tasks)})")
+    params = dict(base.named_parameters())
+    adapter = find_adapter(base)
+    family = adapter.family if adapter else None
+    if meta.get("family") != family:
+        raise TrptsValueError(f"{path} was trained on a {meta.get('family')} model ({meta.get('architecture')}); "
+                              f"this model is {family} ({_architecture(base)})")
+    for m, info in meta["matrices"].items():
+        if m not in params:
+            raise TrptsValueError(f"{path} holds {m!r}, which this model ({_architecture(base)}) does not have: "
+                                  "a different architecture")
+        if list(params[m].shape) != list(info["shape"]):
+            raise TrptsValueError(f"{path}: {m!r} has shape {info['shape']} in the delta but "
+                                  f"{list(params[m].shape)} in the model: a different architecture")
+    heads = list(meta["heads"])
+    for n, shape in meta["full"].items():
+        in_head = any(n.startswith(h + ".") for h in heads)
+        if n not in params and not in_head:
+            raise TrptsValueError(f"{path} holds {n!r}, which this model does not have")
+        if not in_head and list(params[n].shape) != list(shape):
+            raise TrptsValueError(f"{path}: {n!r} has shape {shape} in the delta but {list(params[n].shape)} here")
+    modules = dict(base.named_modules())
+    for h in heads:
+        if h not in modules:
+            raise TrptsValueError(f"{path} replaces the head {h!r}, which this model does not have")
+    token_config = meta.get("tokens") if tokens else None
+    if token_config:
+        if adapter is None:
+            raise TrptsValueError("the delta was trained with token selection, which needs a supported family; "
+                                  "pass tokens=False")
+        adapter.check_token_support(base)
+        blocks = adapter.blocks(base)
+        for i in token_config["layers"]:
+            if not 0 <= i < len(blocks):
+                raise TrptsValueError(f"the delta's token-selection blocks {token_config['layers']} do not exist here")
+            adapter.check_block(blocks[i])
+
+    # Build the task without touching the model.
+    task = _Task(name=name, meta=meta, path=str(path), index={}, values={}, apply_tokens=bool(token_config))
+    for m, info in meta["matrices"].items():
+        p = params[m]
+        cols = tensors[f"columns:{m}"].to(torch.int64)
+        rows = torch.arange(info["rows"], dtype=torch.int64).unsqueeze(1)
+        task.index[m] = (rows * info["fan_in"] + cols).view(-1).to(p.device)
+        task.values[m] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
+    for n in meta["full"]:
+        if not any(n.startswith(h + ".") for h in heads):
+            task.full[n] = tensors[f"full:{n}"].to(device=params[n].device, dtype=params[n].dtype)
+    for h in heads:
+        original = modules[h]
+        weight = tensors.get(f"full:{h}.weight")
+        if not isinstance(original, nn.Linear) or weight is None:
+            raise TrptsValueError(f"{path}: the head {h!r} must be an nn.Linear with a stored weight")
+        bias = tensors.get(f"full:{h}.bias")
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                         device=original.weight.device, dtype=original.weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+        task.heads[h] = head
+
+    bank = existing if existing is not None else _Bank(base)
+    previous = bank.active
+    bank.deactivate()  # exact: the plain backbone, to read its values at the task's entries
+    with torch.no_grad():
+        for m, idx in task.index.items():
+            task.base_values[m] = params[m].detach().view(-1)[idx].clone()
+        for n in task.full:
+            task.base_full[n] = params[n].detach().clone()
+    got = fingerprint({m: (tuple(meta["matrices"][m]["shape"]), task.base_values[m]) for m in task.index})
+    if got != meta["fingerprint"] and not ignore_fingerprint:
+        bank.activate(previous)
+        raise FingerprintMismatchError(
+            f"{path} was trained on another backbone: the model's values at the delta's selected entries "
+            f"do not match (fingerprint {got[:12]}... vs {meta['fingerprint'][:12]}...). Load the pretrained "
+            "weights the delta was trained from, or pass ignore_fingerprint=True"
+        )
+    bank.tasks[name] = task
+    try:
+        bank.activate(name)
+    except BaseException:
+        del bank.tasks[name]
+        bank.activate(previous)
+        raise
+    if existing is None:
+        setattr(base, _BANK_ATTR, bank)
+    return DeltaHandle(base, name)
+
+
+def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *,
+                ignore_fingerprint: bool = False) -> dict[str, Tensor]:
+    """A plain state dict of ``model`` with the delta baked in (usable without trpts; token
+    selection is not part of a state dict). Writes it as safetensors to ``out`` (atomically)
+    when given. The model itself is left as it was."""
+    base = unwrap_model(model)
+    bank = _bank(base)
+    previous = bank.active if bank is not None else None
+    handle = load_delta(base, path, name=f"__merge__{id(path)}", tokens=False, ignore_fingerprint=ignore_fingerprint)
+    try:
+        state = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
+    finally:
+        handle.remove()
+        if previous is not None:
+            activate_delta(base, previous)
+    if out is not None:
+        _atomic_write({k: v.cpu() for k, v in state.items()},
+                      {"format": "pt", "merged_from": str(Path(path).name)}, Path(out))
+    return state
