@@ -33,7 +33,7 @@ from .errors import (
 )
 from .masking import MaskHandle, get_mask_handle
 from .models import find_adapter
-from .tokens import get_token_config, unwrap_vit, wrap_vit
+from .tokens import apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
 
@@ -252,11 +252,6 @@ class _Bank:
         parent, _, attr = path.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, module)
 
-    def _set_tokens(self, config: dict[str, Any] | None) -> None:
-        if get_token_config(self.model) is not None:
-            unwrap_vit(self.model)
-        if config is not None:
-            wrap_vit(self.model, rho=config["rho"], layers=config["layers"])
 
     @torch.no_grad()
     def activate(self, name: str | None, tokens: bool = True) -> None:
@@ -274,7 +269,7 @@ class _Bank:
         for p, head in task.heads.items():
             self._set_module(p, head)
         if task.apply_tokens:
-            self._set_tokens(task.meta["tokens"])
+            apply_token_config(self.model, task.meta["tokens"])
         self.active = name
 
     @torch.no_grad()
@@ -291,7 +286,7 @@ class _Bank:
             if p in task.heads:
                 self._set_module(p, head)
         if task.apply_tokens:
-            self._set_tokens(self.original_tokens.to_dict() if self.original_tokens else None)
+            apply_token_config(self.model, self.original_tokens)
         self.active = None
 
 

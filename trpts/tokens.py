@@ -28,6 +28,7 @@ from .models import get_adapter
 __all__ = [
     "TokenConfig",
     "TokenSelectMerge",
+    "apply_token_config",
     "cls_attention",
     "get_token_config",
     "record_kept_tokens",
@@ -283,6 +284,21 @@ def wrap_vit(
         block.forward = types.MethodType(adapter.reducing_forward(block), block)  # instance-level patch
         setattr(block, _STATE_ATTR, state)
     setattr(base, _CONFIG_ATTR, TokenConfig(tuple(chosen), float(rho), prefix, placement_name, adapter.family))
+    return model
+
+
+def apply_token_config(model: nn.Module, config: TokenConfig | dict[str, Any] | None) -> nn.Module:
+    """Make ``model``'s token selection exactly ``config`` (a :class:`TokenConfig` or its
+    ``to_dict()``; ``None`` = none), unwrapping first if needed. Used by task deltas."""
+    if get_token_config(model) is not None:
+        unwrap_vit(model)
+    if config is None:
+        return model
+    config = config if isinstance(config, TokenConfig) else TokenConfig(
+        tuple(config["layers"]), float(config["rho"]), int(config["num_prefix_tokens"]),
+        str(config["placement"]), str(config["family"]))
+    wrap_vit(model, rho=config.rho, layers=config.layers)
+    setattr(unwrap_model(model), _CONFIG_ATTR, config)  # keep the recorded placement label
     return model
 
 

@@ -1,0 +1,122 @@
+"""The ``trpts`` console script: inspect and merge task-delta files.
+
+    trpts info task.safetensors
+    trpts merge task.safetensors --model vit_base_patch16_224 --weights base.safetensors --out merged.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .delta import merge_delta, read_delta
+from .errors import TrptsError
+
+__all__ = ["main"]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _info(args: argparse.Namespace) -> int:
+    meta, tensors = read_delta(args.file)
+    selected = sum(v.numel() for k, v in tensors.items() if k.startswith("values:"))
+    full = sum(v.numel() for k, v in tensors.items() if k.startswith("full:"))
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for k, v in tensors.items() if not k.startswith("columns:")})
+    tokens = meta.get("tokens")
+    lines = [
+        f"file            {args.file} ({_size(os.path.getsize(args.file))})",
+        f"task            {meta.get('name')}",
+        f"format version  {meta['format_version']} (written by trpts {meta.get('trpts_version')})",
+        f"model           {meta.get('family')} / {meta.get('architecture')}",
+        f"fingerprint     {meta['fingerprint']}",
+        f"trained values  {selected + full:,} ({selected:,} selected entries in {len(meta['matrices'])} "
+        f"weights + {full:,} in fully trained tensors), stored as {', '.join(dtypes)}",
+        f"heads           {', '.join(meta['heads']) or '-'}",
+        "token selection " + (f"blocks {tokens['layers']}, rho {tokens['rho']} ({tokens['placement']})"
+                              if tokens else "none"),
+        f"selection       {meta.get('selection')}",
+    ]
+    print("\n".join(lines))
+    if not args.brief:
+        width = max((len(m) for m in meta["matrices"]), default=6)
+        print(f"\n  {'weight':<{width}}  {'shape':>12}  {'C_l':>5}  {'values':>9}")
+        for m, info in meta["matrices"].items():
+            shape = "x".join(map(str, info["shape"]))
+            print(f"  {m:<{width}}  {shape:>12}  {info['connections']:>5}  {info['rows'] * info['connections']:>9,}")
+        for n, shape in meta["full"].items():
+            print(f"  {n:<{width}}  {'x'.join(map(str, shape)):>12}  {'full':>5}  {int(torch.tensor(shape).prod()):>9,}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import timm
+
+    meta, _ = read_delta(args.file)
+    model = timm.create_model(args.model, pretrained=False, **({"num_classes": args.num_classes}
+                                                               if args.num_classes is not None else {}))
+    if args.weights:
+        weights = Path(args.weights)
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            print(f"trpts merge: note: {len(missing)} missing and {len(unexpected)} unexpected keys in "
+                  f"{weights} (e.g. {(missing or unexpected)[:3]})", file=sys.stderr)
+    state = merge_delta(model, args.file, args.out, ignore_fingerprint=args.ignore_fingerprint)
+    print(f"wrote {args.out}: {len(state)} tensors, {_size(os.path.getsize(args.out))} "
+          f"({meta.get('name')} merged into {args.model})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trpts", description="Inspect and merge trpts task-delta files (.safetensors).",
+        epilog="Exit codes: 0 success, 1 a trpts or file error (message on stderr), 2 bad arguments.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser("info", help="print a summary of a delta file",
+                          description="Print a human summary of a delta: task, format version, model, "
+                                      "fingerprint, trained values per weight, token configuration, size.")
+    info.add_argument("file", help="a .safetensors file written by trpts.save_delta")
+    info.add_argument("--brief", action="store_true", help="omit the per-weight table")
+    info.set_defaults(run=_info)
+    merge = sub.add_parser("merge", help="bake a delta into a plain checkpoint",
+                           description="Create the timm model, load its base weights, apply the delta and "
+                                       "write a plain safetensors state dict usable without trpts.")
+    merge.add_argument("file", help="a .safetensors file written by trpts.save_delta")
+    merge.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    merge.add_argument("--weights", help="local base weights (.safetensors, or a torch state dict file); "
+                                         "nothing is downloaded")
+    merge.add_argument("--num-classes", type=int, help="head size of the base model before merging")
+    merge.add_argument("--out", required=True, help="where to write the merged .safetensors")
+    merge.add_argument("--ignore-fingerprint", action="store_true",
+                       help="merge even if the base weights differ from those the delta was trained on")
+    merge.set_defaults(run=_merge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (TrptsError, FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"trpts {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
