@@ -49,3 +49,10 @@ def test_tokens_benchmark_quick(tmp_path):
     assert [r["rho"] for r in rows] == ["dense", "0.5", "0.5"]
     assert rows[0]["tokens out"] == 65 and rows[1]["tokens out"] == 34
     assert float(rows[2]["FLOP speed-up"].rstrip("x")) > float(rows[1]["FLOP speed-up"].rstrip("x")) > 1
+
+
+def test_deltas_benchmark_quick(tmp_path):
+    out = _run("benchmarks/deltas.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 4 and "switch task (ms)" in out
+    assert all("met" in r["vs floor"] for r in rows)
