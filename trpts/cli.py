@@ -53,7 +53,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"\n  {'weight':<{width}}  {'shape':>12}  {'C_l':>5}  {'values':>9}")
         for m, info in meta["matrices"].items():
             shape = "x".join(map(str, info["shape"]))
-            print(f"  {m:<{width}}  {shape:>12}  {info['connections']:>5}  {info['rows'] * info['connections']:>9,}")
+            print(f"  {m:<{width}}  {shape:>12}  {info['connections']:>5}  {info['shape'][0] * info['connections']:>9,}")
         for n, shape in meta["full"].items():
             print(f"  {n:<{width}}  {'x'.join(map(str, shape)):>12}  {'full':>5}  {int(torch.tensor(shape).prod()):>9,}")
     return 0

@@ -121,9 +121,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         values = p.detach().reshape(info.rows, info.fan_in).gather(1, idx.to(p.device))
         tensors[f"values:{m}"] = values.to(dtype or p.dtype).cpu().contiguous()
         tensors[f"columns:{m}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
-        matrices[m] = {"shape": list(info.shape), "rows": info.rows, "fan_in": info.fan_in,
-                       "connections": info.connections, "layer": info.layer, "block": info.block,
-                       "share": info.share}
+        matrices[m] = {"shape": list(info.shape), "connections": info.connections}
     full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
     for n, p in full.items():
         tensors[f"full:{n}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
@@ -148,7 +146,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "user": dict(metadata or {}),
     }
     try:
-        text = json.dumps(meta)
+        text = json.dumps(meta, separators=(",", ":"))
     except TypeError as err:
         raise TrptsTypeError(f"metadata must be JSON-serializable: {err}") from None
     path = Path(path)
@@ -191,12 +189,22 @@ def read_delta(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, tensors
 
 
+def _rows_fan_in(info: Mapping[str, Any]) -> tuple[int, int]:
+    """Rows (output neurons) and fan-in of a weight of ``info["shape"]``."""
+    shape = [int(d) for d in info["shape"]]
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return shape[0], fan_in
+
+
 def _validate(meta: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
     expected: set[str] = set()
     try:
         for m, info in meta["matrices"].items():
             expected |= {f"values:{m}", f"columns:{m}"}
-            shape = (info["rows"], info["connections"])
+            rows, fan_in = _rows_fan_in(info)
+            shape = (rows, info["connections"])
             for key in (f"values:{m}", f"columns:{m}"):
                 if key not in tensors:
                     raise DeltaFormatError(f"{path} lacks the tensor {key!r}")
@@ -204,8 +212,8 @@ def _validate(meta: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> N
                     raise DeltaFormatError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, "
                                            f"expected {shape}")
             cols = tensors[f"columns:{m}"].to(torch.int64)
-            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= info["fan_in"]):
-                raise DeltaFormatError(f"{path}: columns of {m!r} fall outside 0..{info['fan_in'] - 1}")
+            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= fan_in):
+                raise DeltaFormatError(f"{path}: columns of {m!r} fall outside 0..{fan_in - 1}")
         for n, shape in meta["full"].items():
             expected.add(f"full:{n}")
             if f"full:{n}" not in tensors:
@@ -424,8 +432,9 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
     for m, info in meta["matrices"].items():
         p = params[m]
         cols = tensors[f"columns:{m}"].to(torch.int64)
-        rows = torch.arange(info["rows"], dtype=torch.int64).unsqueeze(1)
-        task.index[m] = (rows * info["fan_in"] + cols).view(-1).to(p.device)
+        n_rows, fan_in = _rows_fan_in(info)
+        rows = torch.arange(n_rows, dtype=torch.int64).unsqueeze(1)
+        task.index[m] = (rows * fan_in + cols).view(-1).to(p.device)
         task.values[m] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
     for n in meta["full"]:
         if not any(n.startswith(h + ".") for h in heads):
