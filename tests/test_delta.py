@@ -277,3 +277,45 @@ def test_cli_info_merge_and_errors(tmp_path):
     bad = run("info", str(tmp_path / "base.safetensors"))
     assert bad.returncode == 1 and "not a trpts delta" in bad.stderr
     assert run("frobnicate").returncode == 2
+
+
+def test_format_spec_is_enough_to_read_a_delta(tmp_path):
+    """A reader written from docs/format.md alone (raw bytes + JSON + numpy) applies a delta
+    and recomputes its fingerprint."""
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    backbone = make_timm_vit().eval()
+    trained, _ = train_task(backbone, budget=0.1)
+    path = trpts.save_delta(trained, tmp_path / "t.safetensors")
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    meta = json.loads(header["__metadata__"]["trpts"])
+    assert header["__metadata__"]["format"] == "trpts-delta" and meta["format_version"] == 1
+
+    def tensor(key):
+        info = header[key]
+        dtype = {"U16": "<u2", "I32": "<i4", "F32": "<f4"}[info["dtype"]]
+        begin, end = info["data_offsets"]
+        return np.frombuffer(data[begin:end], dtype=dtype).reshape(info["shape"])
+
+    weights = {k: v.detach().numpy().copy() for k, v in backbone.state_dict().items()}
+    digest = hashlib.sha256()
+    for name in sorted(meta["matrices"]):
+        shape = meta["matrices"][name]["shape"]
+        rows, fan_in = shape[0], int(np.prod(shape[1:]))
+        cols = tensor(f"columns:{name}").astype(np.int64)
+        flat = (np.arange(rows)[:, None] * fan_in + cols).reshape(-1)
+        w = weights[name].reshape(-1)
+        digest.update(name.encode() + json.dumps(shape).encode() + w[flat].astype("<f4").tobytes())
+        w[flat] = tensor(f"values:{name}").reshape(-1)
+    assert digest.hexdigest() == meta["fingerprint"]
+    for name in meta["full"]:
+        weights[name] = tensor(f"full:{name}")
+    expected = trained.state_dict()
+    for k in expected:
+        assert np.array_equal(weights[k].reshape(expected[k].shape), expected[k].numpy()), k

@@ -271,7 +271,7 @@ class _Bank:
         task = self.tasks[name]
         params = dict(self.model.named_parameters())
         for m, idx in task.index.items():
-            params[m].view(-1).index_copy_(0, idx, task.values[m])
+            params[m].view(-1).index_put_((idx,), task.values[m])
         for n, v in task.full.items():
             params[n].copy_(v)
         for p, head in task.heads.items():
@@ -287,7 +287,7 @@ class _Bank:
         task = self.tasks[self.active]
         params = dict(self.model.named_parameters())
         for m, idx in task.index.items():
-            params[m].view(-1).index_copy_(0, idx, task.base_values[m])
+            params[m].view(-1).index_put_((idx,), task.base_values[m])
         for n, v in task.base_full.items():
             params[n].copy_(v)
         for p, head in self.original_heads.items():
