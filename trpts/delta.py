@@ -255,6 +255,7 @@ class _Bank:
         self.active: str | None = None
         self.original_heads = {p: model.get_submodule(p) for p in _head_paths(model)}
         self.original_tokens = get_token_config(model)
+        self.params = dict(model.named_parameters())  # parameter objects are stable; no walk per switch
 
     def _set_module(self, path: str, module: nn.Module) -> None:
         parent, _, attr = path.rpartition(".")
@@ -269,7 +270,7 @@ class _Bank:
         if name is None:
             return
         task = self.tasks[name]
-        params = dict(self.model.named_parameters())
+        params = self.params
         for m, idx in task.index.items():
             params[m].view(-1).index_put_((idx,), task.values[m])
         for n, v in task.full.items():
@@ -285,7 +286,7 @@ class _Bank:
         if self.active is None:
             return
         task = self.tasks[self.active]
-        params = dict(self.model.named_parameters())
+        params = self.params
         for m, idx in task.index.items():
             params[m].view(-1).index_put_((idx,), task.base_values[m])
         for n, v in task.base_full.items():
