@@ -33,7 +33,7 @@ from .errors import (
 )
 from .masking import MaskHandle, get_mask_handle
 from .models import find_adapter
-from .tokens import apply_token_config, get_token_config
+from .tokens import TokenConfig, apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
 
@@ -261,24 +261,27 @@ class _Bank:
         parent, _, attr = path.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, module)
 
+    def _write(self, task: _Task, values: dict[str, Tensor], full: dict[str, Tensor],
+               heads: dict[str, nn.Module], tokens: TokenConfig | dict[str, Any] | None) -> None:
+        """Write ``values`` at the task's entries, the ``full`` tensors, ``heads`` and ``tokens``."""
+        for m, idx in task.index.items():
+            self.params[m].view(-1).index_put_((idx,), values[m])
+        for n, v in full.items():
+            self.params[n].copy_(v)
+        for p, head in heads.items():
+            self._set_module(p, head)
+        if task.apply_tokens:
+            apply_token_config(self.model, tokens)
 
     @torch.no_grad()
-    def activate(self, name: str | None, tokens: bool = True) -> None:
+    def activate(self, name: str | None) -> None:
         if name == self.active:
             return
         self.deactivate()
         if name is None:
             return
         task = self.tasks[name]
-        params = self.params
-        for m, idx in task.index.items():
-            params[m].view(-1).index_put_((idx,), task.values[m])
-        for n, v in task.full.items():
-            params[n].copy_(v)
-        for p, head in task.heads.items():
-            self._set_module(p, head)
-        if task.apply_tokens:
-            apply_token_config(self.model, task.meta["tokens"])
+        self._write(task, task.values, task.full, task.heads, task.meta["tokens"])
         self.active = name
 
     @torch.no_grad()
@@ -286,16 +289,8 @@ class _Bank:
         if self.active is None:
             return
         task = self.tasks[self.active]
-        params = self.params
-        for m, idx in task.index.items():
-            params[m].view(-1).index_put_((idx,), task.base_values[m])
-        for n, v in task.base_full.items():
-            params[n].copy_(v)
-        for p, head in self.original_heads.items():
-            if p in task.heads:
-                self._set_module(p, head)
-        if task.apply_tokens:
-            apply_token_config(self.model, self.original_tokens)
+        heads = {p: h for p, h in self.original_heads.items() if p in task.heads}
+        self._write(task, task.base_values, task.base_full, heads, self.original_tokens)
         self.active = None
 
 
