@@ -113,23 +113,24 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
     selection = handle.selection
     params = dict(base.named_parameters())
     heads = _head_paths(base)
+    adapter = find_adapter(base)
+    canon = adapter.canonical_name if adapter else str  # layout-independent names in the file
     tensors: dict[str, Tensor] = {}
     matrices: dict[str, Any] = {}
     for m, info in selection.matrices.items():
         p = params[m]
         idx = selection.indices(m)
         values = p.detach().reshape(info.rows, info.fan_in).gather(1, idx.to(p.device))
-        tensors[f"values:{m}"] = values.to(dtype or p.dtype).cpu().contiguous()
-        tensors[f"columns:{m}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
-        matrices[m] = {"shape": list(info.shape), "connections": info.connections}
+        tensors[f"values:{canon(m)}"] = values.to(dtype or p.dtype).cpu().contiguous()
+        tensors[f"columns:{canon(m)}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
+        matrices[canon(m)] = {"shape": list(info.shape), "connections": info.connections}
     full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
     for n, p in full.items():
-        tensors[f"full:{n}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
+        tensors[f"full:{canon(n)}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
     base_values = getattr(handle, "base_values", None)
     if base_values is None:  # pragma: no cover - handles always record them
         raise TrptsRuntimeError("the MaskHandle has no recorded pretrained values; re-apply the masks")
     tokens = get_token_config(base)
-    adapter = find_adapter(base)
     meta = {
         "format_version": FORMAT_VERSION,
         "trpts_version": _version(),
@@ -137,11 +138,11 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "family": adapter.family if adapter else None,
         "architecture": _architecture(base),
         "matrices": matrices,
-        "full": {n: list(p.shape) for n, p in full.items()},
+        "full": {canon(n): list(p.shape) for n, p in full.items()},
         "heads": [h for h in heads if any(n.startswith(h + ".") for n in full)],
         "tokens": tokens.to_dict() if tokens else None,
         "selection": selection.config,
-        "fingerprint": fingerprint({m: (tuple(selection.matrices[m].shape), base_values[m])
+        "fingerprint": fingerprint({canon(m): (tuple(selection.matrices[m].shape), base_values[m])
                                     for m in selection.matrices}),
         "user": dict(metadata or {}),
     }
@@ -393,20 +394,22 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
     if meta.get("family") != family:
         raise TrptsValueError(f"{path} was trained on a {meta.get('family')} model ({meta.get('architecture')}); "
                               f"this model is {family} ({_architecture(base)})")
+    local = {n: adapter.local_name(n, base) if adapter else n for n in (*meta["matrices"], *meta["full"])}
     for m, info in meta["matrices"].items():
-        if m not in params:
+        if local[m] not in params:
             raise TrptsValueError(f"{path} holds {m!r}, which this model ({_architecture(base)}) does not have: "
                                   "a different architecture")
-        if list(params[m].shape) != list(info["shape"]):
+        if list(params[local[m]].shape) != list(info["shape"]):
             raise TrptsValueError(f"{path}: {m!r} has shape {info['shape']} in the delta but "
-                                  f"{list(params[m].shape)} in the model: a different architecture")
+                                  f"{list(params[local[m]].shape)} in the model: a different architecture")
     heads = list(meta["heads"])
     for n, shape in meta["full"].items():
         in_head = any(n.startswith(h + ".") for h in heads)
-        if n not in params and not in_head:
+        if local[n] not in params and not in_head:
             raise TrptsValueError(f"{path} holds {n!r}, which this model does not have")
-        if not in_head and list(params[n].shape) != list(shape):
-            raise TrptsValueError(f"{path}: {n!r} has shape {shape} in the delta but {list(params[n].shape)} here")
+        if not in_head and list(params[local[n]].shape) != list(shape):
+            raise TrptsValueError(f"{path}: {n!r} has shape {shape} in the delta but "
+                                  f"{list(params[local[n]].shape)} here")
     modules = dict(base.named_modules())
     for h in heads:
         if h not in modules:
@@ -425,16 +428,17 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
 
     # Build the task without touching the model.
     task = _Task(name=name, meta=meta, path=str(path), index={}, values={}, apply_tokens=bool(token_config))
-    for m, info in meta["matrices"].items():
-        p = params[m]
+    for m, info in meta["matrices"].items():  # tensors keep file (canonical) names; the task, local ones
+        p = params[local[m]]
         cols = tensors[f"columns:{m}"].to(torch.int64)
         n_rows, fan_in = _rows_fan_in(info)
         rows = torch.arange(n_rows, dtype=torch.int64).unsqueeze(1)
-        task.index[m] = (rows * fan_in + cols).view(-1).to(p.device)
-        task.values[m] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
+        task.index[local[m]] = (rows * fan_in + cols).view(-1).to(p.device)
+        task.values[local[m]] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
     for n in meta["full"]:
         if not any(n.startswith(h + ".") for h in heads):
-            task.full[n] = tensors[f"full:{n}"].to(device=params[n].device, dtype=params[n].dtype)
+            q = params[local[n]]
+            task.full[local[n]] = tensors[f"full:{n}"].to(device=q.device, dtype=q.dtype)
     for h in heads:
         original = modules[h]
         weight = tensors.get(f"full:{h}.weight")
@@ -457,7 +461,7 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             task.base_values[m] = params[m].detach().view(-1)[idx].clone()
         for n in task.full:
             task.base_full[n] = params[n].detach().clone()
-    got = fingerprint({m: (tuple(meta["matrices"][m]["shape"]), task.base_values[m]) for m in task.index})
+    got = fingerprint({m: (tuple(info["shape"]), task.base_values[local[m]]) for m, info in meta["matrices"].items()})
     if got != meta["fingerprint"] and not ignore_fingerprint:
         bank.activate(previous)
         raise FingerprintMismatchError(

@@ -49,6 +49,15 @@ class ModelAdapter(ABC):
     def heads(self, model: nn.Module) -> list[nn.Module]:
         """The classification head module(s); empty for a bare backbone."""
 
+    # ---- parameter names in files (override where a family renamed its modules) ----
+    def canonical_name(self, name: str) -> str:
+        """The layout-independent name of a parameter, as stored in delta files."""
+        return name
+
+    def local_name(self, canonical: str, model: nn.Module) -> str:
+        """The name ``model`` uses for a parameter stored under ``canonical``."""
+        return canonical
+
     # ---- token selection (override to support wrap_vit) ------------------------------
     def check_token_support(self, model: nn.Module) -> None:
         """Raise a clear trpts error if token selection cannot run on this model."""
