@@ -80,3 +80,58 @@ def test_token_selection_on_cuda_bf16():
             alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
     assert torch.equal(a, b)  # deterministic selection on the GPU
     torch.testing.assert_close(alone, a, rtol=2e-2, atol=2e-2)
+
+
+def test_deltas_on_cuda(tmp_path):
+    import copy
+
+    backbone = make_timm_vit(depth=3).cuda().eval()
+    x = make_batches(1, 3)[0][0].cuda()
+
+    def trained(seed, classes):
+        model = copy.deepcopy(backbone)
+        model.reset_classifier(classes)
+        model.cuda()
+        g = torch.Generator().manual_seed(seed)
+        fisher = {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()
+                  if n in trpts.default_scored_parameters(model)}
+        selection = trpts.allocate_connections(fisher, budget=0.1, model=model)
+        trpts.wrap_vit(model, selection, rho=0.5, num_layers=1)
+        handle = trpts.apply_masks(model, selection)
+        optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.01), lr=1e-2)
+        for xb, _ in make_batches(2, 4, seed=seed):
+            loss = F.cross_entropy(model(xb.cuda()), torch.randint(0, classes, (4,), generator=g).cuda())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return model.eval()
+
+    tasks = {"a": trained(1, 4), "b": trained(2, 6)}
+    model = copy.deepcopy(backbone)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = {}
+    for name, t in tasks.items():
+        trpts.load_delta(model, trpts.save_delta(t, tmp_path / f"{name}.safetensors"))
+        with torch.no_grad():
+            first[name] = model(x)
+            assert torch.equal(first[name], t(x))
+    for name in ("a", "b", None, "a"):
+        trpts.activate_delta(model, name)
+        if name is not None:
+            with torch.no_grad():
+                assert torch.equal(model(x), first[name])
+    trpts.activate_delta(model, None)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a delta made on the CPU loads onto a CUDA copy of the same backbone
+    cpu_backbone = copy.deepcopy(backbone).cpu()
+    cpu_task = copy.deepcopy(cpu_backbone)
+    selection = trpts.allocate_connections({n: torch.rand(p.shape) for n, p in cpu_task.named_parameters()
+                                            if n in trpts.default_scored_parameters(cpu_task)}, budget=0.1)
+    handle = trpts.apply_masks(cpu_task, selection)
+    with torch.no_grad():
+        for n in selection:
+            dict(cpu_task.named_parameters())[n].view(-1)[selection.flat_indices(n)] += 1.0
+    trpts.load_delta(model, trpts.save_delta(cpu_task, tmp_path / "cpu.safetensors", handle=handle))
+    params = dict(model.named_parameters())
+    for n, p in cpu_task.named_parameters():
+        assert torch.equal(params[n].cpu(), p.detach()), n
