@@ -319,3 +319,17 @@ def test_format_spec_is_enough_to_read_a_delta(tmp_path):
     expected = trained.state_dict()
     for k in expected:
         assert np.array_equal(weights[k].reshape(expected[k].shape), expected[k].numpy()), k
+
+
+def test_metadata_without_required_keys_is_refused(saved, tmp_path):
+    _, path = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    meta = json.loads(header["trpts"])
+    del meta["fingerprint"]
+    header["trpts"] = json.dumps(meta)
+    save_file(load_file(path), tmp_path / "nofp.safetensors", metadata=header)
+    with pytest.raises(trpts.DeltaFormatError, match="lacks"):
+        trpts.read_delta(tmp_path / "nofp.safetensors")

@@ -200,6 +200,9 @@ def _rows_fan_in(info: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def _validate(meta: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    missing = [k for k in ("matrices", "full", "heads", "fingerprint") if k not in meta]
+    if missing:
+        raise DeltaFormatError(f"{path}: the trpts metadata lacks {missing}")
     expected: set[str] = set()
     try:
         for m, info in meta["matrices"].items():
