@@ -35,11 +35,12 @@ def test_selection_benchmark_quick(tmp_path):
     assert len(report["rows"]) == 5
 
 
-def test_visualize_tokens_example_writes_a_png(tmp_path):
-    out = _run("examples/visualize_tokens.py", "--source-epochs", "1", "--no-progress", "--no-cache",
-               "--out", str(tmp_path / "kept.png"))
+def test_figures_example_writes_three_pngs(tmp_path):
+    out = _run("examples/figures.py", "--source-epochs", "1", "--no-progress", "--no-cache",
+               "--out-dir", str(tmp_path))
     assert "reducing blocks" in out
-    assert (tmp_path / "kept.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("block_distribution", "selection_overlap", "kept_tokens"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tokens_benchmark_quick(tmp_path):

@@ -46,7 +46,14 @@ from .tokens import (
     unwrap_vit,
     wrap_vit,
 )
-from .viz import kept_patches, plot_kept_tokens
+from .viz import (
+    block_distribution,
+    kept_patches,
+    plot_block_distribution,
+    plot_kept_tokens,
+    plot_selection_overlap,
+    selection_overlap,
+)
 
 try:
     __version__ = version("trpts")
@@ -74,6 +81,7 @@ __all__ = [
     "activate_delta",
     "allocate_connections",
     "apply_masks",
+    "block_distribution",
     "cls_attention",
     "compute_fisher",
     "count_flops",
@@ -84,10 +92,13 @@ __all__ = [
     "load_delta",
     "loaded_deltas",
     "merge_delta",
+    "plot_block_distribution",
     "plot_kept_tokens",
+    "plot_selection_overlap",
     "read_delta",
     "record_kept_tokens",
     "save_delta",
+    "selection_overlap",
     "token_counts",
     "unwrap_vit",
     "wrap_vit",

@@ -2,12 +2,17 @@
 
 - :func:`kept_patches`: which original patches each reducing block still holds as tokens.
 - :func:`plot_kept_tokens`: the paper's Figure 6, kept patches over the input image.
+- :func:`block_distribution` / :func:`plot_block_distribution`: Figure 5, the share of each
+  task's selected weights per transformer block.
+- :func:`selection_overlap` / :func:`plot_selection_overlap`: Figure 7, the overlap between
+  tasks' selections as a heatmap.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +20,19 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import unwrap_model
+from .allocation import Selection
 from .errors import TrptsRuntimeError, TrptsValueError
 from .models import get_adapter
 from .tokens import get_token_config, record_kept_tokens
 
-__all__ = ["kept_patches", "plot_kept_tokens"]
+__all__ = [
+    "block_distribution",
+    "kept_patches",
+    "plot_block_distribution",
+    "plot_kept_tokens",
+    "plot_selection_overlap",
+    "selection_overlap",
+]
 
 
 def _grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
@@ -59,6 +72,95 @@ def kept_patches(model: nn.Module, images: Tensor) -> dict[int, Tensor]:
     return masks
 
 
+def block_distribution(selection: Selection) -> dict[int, float]:
+    """Figure 5's quantity: the fraction of the selection's weights in each transformer block
+    (block index -> fraction; weights outside the blocks, such as the patch embedding, are
+    left out, so the fractions sum to at most 1)."""
+    total = max(1, selection.num_selected)
+    return {block: count / total for block, count in selection.block_counts.items()}
+
+
+def selection_overlap(a: Selection, b: Selection) -> float:
+    """Figure 7's overlap rate: ``|A ∩ B| / |A ∪ B|`` (Jaccard) over the selected entries of the
+    two selections (entries of weights only one of them scores count in the union)."""
+    inter = 0
+    for name in set(a) & set(b):
+        inter += int(torch.isin(a.flat_indices(name), b.flat_indices(name)).sum())
+    union = a.num_selected + b.num_selected - inter
+    return inter / union if union else 1.0
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('trpts plots need matplotlib: pip install "trpts[viz]"') from err
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike[str] | None) -> None:
+    """Write ``fig`` as PNG atomically (temporary file + rename) when ``path`` is given."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_block_distribution(selections: Mapping[str, Selection],
+                            path: str | os.PathLike[str] | None = None) -> Any:
+    """Figure 5: per task (bars of one colour), the share of its selected weights per block."""
+    if not selections:
+        raise TrptsValueError("selections is empty; pass {task name: Selection}")
+    plt = _pyplot()
+    dists = {name: block_distribution(sel) for name, sel in selections.items()}
+    blocks = sorted({b for d in dists.values() for b in d})
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(blocks) * max(1, len(dists)) ** 0.5), 3.2))
+    width = 0.8 / len(dists)
+    for i, (name, dist) in enumerate(dists.items()):
+        ax.bar([b + (i - (len(dists) - 1) / 2) * width for b in blocks], [dist.get(b, 0.0) for b in blocks],
+               width=width, label=name)
+    ax.set_xticks(blocks)
+    ax.set_xlabel("transformer block")
+    ax.set_ylabel("share of selected weights")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
+def plot_selection_overlap(selections: Mapping[str, Selection],
+                           path: str | os.PathLike[str] | None = None) -> Any:
+    """Figure 7: heatmap of :func:`selection_overlap` between every pair of tasks."""
+    if not selections:
+        raise TrptsValueError("selections is empty; pass {task name: Selection}")
+    plt = _pyplot()
+    names = list(selections)
+    grid = torch.tensor([[selection_overlap(selections[a], selections[b]) for b in names] for a in names])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 1.0 + 0.8 * len(names)))
+    image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                    color="white" if grid[i, j] > 0.6 else "black", fontsize="small")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
 def plot_kept_tokens(model: nn.Module, images: Tensor, path: str | os.PathLike[str] | None = None, *,
                      mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                      dim: float = 0.25) -> Any:
@@ -74,13 +176,7 @@ def plot_kept_tokens(model: nn.Module, images: Tensor, path: str | os.PathLike[s
     Returns:
         The matplotlib ``Figure``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError('plot_kept_tokens needs matplotlib: pip install "trpts[viz]"') from err
+    plt = _pyplot()
     masks = kept_patches(model, images)
     shown = images.detach().float().cpu()
     if mean is not None and std is not None:
@@ -108,15 +204,5 @@ def plot_kept_tokens(model: nn.Module, images: Tensor, path: str | os.PathLike[s
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=120)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    _save(fig, path)
     return fig
