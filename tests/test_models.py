@@ -71,16 +71,17 @@ def test_unsupported_model_names_supported_families():
 
 
 def test_hf_names_map_between_layouts_for_every_parameter():
-    from trpts.models.hf_vit import _NEW_TO_OLD, _rename
+    from trpts.models.hf_vit import _rename
 
     model = make_hf_vit(depth=2)
     adapter = get_adapter(model)
     for name, _ in model.named_parameters():
-        old = _rename(name, _NEW_TO_OLD)
+        old = _rename(name, to_new=False)
         assert adapter.canonical_name(old) == name  # 4.x-5.8 names map to the 5.9+ ones
         assert adapter.local_name(name, model) == name  # this model has the 5.9+ layout
-    assert _rename("vit.layers.0.attention.q_proj.weight", _NEW_TO_OLD) == \
+    assert _rename("vit.layers.0.attention.q_proj.weight", to_new=False) == \
         "vit.encoder.layer.0.attention.attention.query.weight"
-    assert _rename("vit.layers.1.mlp.fc2.bias", _NEW_TO_OLD) == "vit.encoder.layer.1.output.dense.bias"
-    assert _rename("vit.layers.1.attention.o_proj.weight", _NEW_TO_OLD) == \
+    assert _rename("vit.layers.1.mlp.fc2.bias", to_new=False) == "vit.encoder.layer.1.output.dense.bias"
+    assert _rename("vit.layers.1.attention.o_proj.weight", to_new=False) == \
         "vit.encoder.layer.1.attention.output.dense.weight"
+    assert _rename("encoder.layer.2.intermediate.dense.bias", to_new=True) == "layers.2.mlp.fc1.bias"  # ViTModel

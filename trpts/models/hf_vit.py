@@ -46,32 +46,25 @@ def _reducing_layer_forward_v4(self: nn.Module, hidden_states: Tensor, head_mask
     return (layer_output, *outputs[1:]) if isinstance(outputs, tuple) else layer_output
 
 
-# transformers 4.x - 5.8 module names -> 5.9+ names (the renames transformers applies when it
-# loads old checkpoints). Delta files store the 5.9+ names; loaders map them to the model's layout.
-_OLD_TO_NEW = (
-    (re.compile(r"(^|\.)encoder\.layer\.(\d+)\."), r"\1layers.\2."),
-    (re.compile(r"\.attention\.attention\.query\."), ".attention.q_proj."),
-    (re.compile(r"\.attention\.attention\.key\."), ".attention.k_proj."),
-    (re.compile(r"\.attention\.attention\.value\."), ".attention.v_proj."),
-    (re.compile(r"\.attention\.output\.dense\."), ".attention.o_proj."),
-    (re.compile(r"\.intermediate\.dense\."), ".mlp.fc1."),
-    (re.compile(r"\.output\.dense\."), ".mlp.fc2."),
-)
-_NEW_TO_OLD = (
-    (re.compile(r"(^|\.)layers\.(\d+)\."), r"\1encoder.layer.\2."),
-    (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
-    (re.compile(r"\.attention\.k_proj\."), ".attention.attention.key."),
-    (re.compile(r"\.attention\.v_proj\."), ".attention.attention.value."),
-    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
-    (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
-    (re.compile(r"\.mlp\.fc2\."), ".output.dense."),
+# (transformers 4.x - 5.8 name, 5.9+ name): the renames transformers applies when it loads old
+# checkpoints, in this order. Delta files store 5.9+ names; loaders map them to the model's layout.
+_RENAMES = (
+    (".encoder.layer.", ".layers."),
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
 )
 
 
-def _rename(name: str, rules: tuple[tuple[re.Pattern[str], str], ...]) -> str:
-    for pattern, replacement in rules:
-        name = pattern.sub(replacement, name)
-    return name
+def _rename(name: str, to_new: bool) -> str:
+    """Map a parameter name between the two layouts (a no-op for names they share)."""
+    dotted = "." + name  # so that a leading "encoder.layer." (ViTModel) matches too
+    for old, new in _RENAMES:
+        dotted = dotted.replace(old, new) if to_new else dotted.replace(new, old)
+    return dotted[1:]
 
 
 class HFViTAdapter(ModelAdapter):
@@ -98,12 +91,12 @@ class HFViTAdapter(ModelAdapter):
         return self._backbone(model).embeddings.patch_embeddings.projection
 
     def canonical_name(self, name: str) -> str:
-        return _rename(name, _OLD_TO_NEW)
+        return _rename(name, to_new=True)
 
     def local_name(self, canonical: str, model: nn.Module) -> str:
         blocks = self.blocks(model)
         old_layout = bool(blocks) and not hasattr(blocks[0].attention, "q_proj")
-        return _rename(canonical, _NEW_TO_OLD) if old_layout else canonical
+        return _rename(canonical, to_new=False) if old_layout else canonical
 
     def check_token_support(self, model: nn.Module) -> None:
         return None  # the encoder starts with the [CLS] token; heads and pooler read token 0
