@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from torch import nn
@@ -44,3 +47,19 @@ def iter_limited(iterable: Iterable[T], limit: int | None) -> Iterator[T]:
 def fmt_count(n: int) -> str:
     """Format an integer with thousands separators."""
     return f"{n:,}"
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``
+    (atomic on one file system); the temporary file never survives a failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import unwrap_model
+from ._utils import atomic_write, unwrap_model
 from .errors import (
     DeltaFormatError,
     FingerprintMismatchError,
@@ -72,18 +71,10 @@ def _head_paths(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if id(m) in ids]
 
 
-def _atomic_write(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+def _write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = None,
@@ -127,9 +118,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
     full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
     for n, p in full.items():
         tensors[f"full:{canon(n)}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
-    base_values = getattr(handle, "base_values", None)
-    if base_values is None:  # pragma: no cover - handles always record them
-        raise TrptsRuntimeError("the MaskHandle has no recorded pretrained values; re-apply the masks")
+    base_values = handle.base_values
     tokens = get_token_config(base)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -151,7 +140,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
     except TypeError as err:
         raise TrptsTypeError(f"metadata must be JSON-serializable: {err}") from None
     path = Path(path)
-    _atomic_write(tensors, {"format": FORMAT_NAME, "trpts": text}, path)
+    _write_safetensors(tensors, {"format": FORMAT_NAME, "trpts": text}, path)
     return path
 
 
@@ -500,6 +489,6 @@ def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *
         if previous is not None:
             activate_delta(base, previous)
     if out is not None:
-        _atomic_write({k: v.cpu() for k, v in state.items()},
+        _write_safetensors({k: v.cpu() for k, v in state.items()},
                       {"format": "pt", "merged_from": str(Path(path).name)}, Path(out))
     return state

@@ -57,8 +57,9 @@ class MaskHandle:
     storage = "hooks"
 
     def __init__(self, model: nn.Module, selection: Selection, masked: dict[str, nn.Parameter],
-                 frozen: dict[str, Tensor], full: dict[str, nn.Parameter]):
+                 frozen: dict[str, Tensor], full: dict[str, nn.Parameter], base_values: dict[str, Tensor]):
         self.selection = selection
+        self.base_values = base_values
         self.masked = masked
         self.full = full
         self._model_ref = weakref.ref(model)
@@ -288,7 +289,6 @@ def apply_masks(
             raise TrptsValueError(f"extra_trainable name {raw!r} is masked by the selection; drop it")
         full.setdefault(name, named[name])
 
-    handle = MaskHandle(base, selection, masked, frozen, full)
-    handle.base_values = base_values
+    handle = MaskHandle(base, selection, masked, frozen, full, base_values)
     handle._install()
     return handle

@@ -11,15 +11,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._utils import unwrap_model
+from ._utils import atomic_write, unwrap_model
 from .allocation import Selection
 from .errors import TrptsRuntimeError, TrptsValueError
 from .models import get_adapter
@@ -102,19 +100,9 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str] | None) -> None:
-    """Write ``fig`` as PNG atomically (temporary file + rename) when ``path`` is given."""
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``fig`` as PNG atomically when ``path`` is given."""
+    if path is not None:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def plot_block_distribution(selections: Mapping[str, Selection],
