@@ -1,15 +1,18 @@
-"""trpts quickstart: Fisher scores -> layer-wise allocation -> masked fine-tuning, offline on a CPU.
+"""trpts quickstart: TR-PTS against a linear probe and full fine-tuning, offline on a CPU.
 
-Real data that ships with scikit-learn (the 8x8 handwritten digits, upscaled to 16x16) and a
-real timm ViT (4 blocks, width 128):
+Real data (scikit-learn's handwritten digits, pasted at random places on a 32x32 canvas) and a
+real timm ViT (patch 4, width 96, 4 blocks). See examples/digits_task.py for the task:
 
-1. source task: pretrain the ViT on digits 0-4 (cached in the user cache directory, so
-   later runs skip it);
-2. target task: digits 5-9 with a new head, trained three ways for the same epochs:
-   linear probe (head only), TR-PTS (Fisher-selected weights + head) and full fine-tuning.
+1. source task: the ViT learns digit identity wherever the digit is (trained once, ~1 min,
+   then cached in ~/.cache/trpts);
+2. target task: *where* is the digit (4 horizontal positions)? A feature the source task
+   taught the backbone to ignore. Four methods train for the same epochs: linear probe (new
+   head only), full fine-tuning, TR-PTS parameters only (Fisher-selected 1 % of the weights +
+   head) and TR-PTS parameters + tokens (also keeps 70 % of the tokens in 2 blocks).
 
-Prints test accuracy, the share of trained values and training time per method, and checks
-that every weight entry TR-PTS did not select is bit-identical to the pretrained one.
+Prints a table (test accuracy, trained values, training time, size of the file a task needs),
+then reloads the saved TR-PTS delta onto a fresh copy of the backbone and checks that its
+predictions match the trained model's exactly.
 
     pip install ".[examples]" && python examples/quickstart.py
 """
@@ -17,162 +20,117 @@ that every weight entry TR-PTS did not select is bit-identical to the pretrained
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits_task as task
 
 import trpts
 
-CACHE_VERSION = "quickstart-v1"  # bump when the source model or its training changes
+# Learning rates picked on the validation split by benchmarks/accuracy.py (docs/benchmarks.md).
+LR = {"linear probe": 1e-2, "full fine-tuning": 1e-3, "TR-PTS": 3e-2}
 
 
-def load_digits(classes: range, seed: int) -> tuple[torch.Tensor, ...]:
-    """Images (N, 3, 16, 16) in [-1, 1] and labels 0..len(classes)-1, split 60/40 (stratified)."""
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = sk_digits()
-    keep = [i for i, t in enumerate(digits.target) if t in classes]
-    x = torch.tensor(digits.images[keep], dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    y = torch.tensor(digits.target[keep] - classes.start, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(range(len(y)), test_size=0.4, random_state=seed, stratify=y)
-    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
-
-
-def make_model(num_classes: int) -> nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4,
-                             embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=num_classes)
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator | None = None):
-    order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
-    for i in range(0, len(y), size):
-        j = order[i : i + size]
-        yield x[j], y[j]
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[torch.Tensor, ...], epochs: int,
-          seed: int, desc: str, progress: bool) -> float:
-    x, y = data[0], data[1]
-    g = torch.Generator().manual_seed(seed)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    start = time.perf_counter()
-    model.train()
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
-        for xb, yb in batches(x, y, 64, g):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            optimizer.step()
-        sched.step()
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
-
-
-def pretrained_backbone(args: argparse.Namespace) -> nn.Module:
-    """Source model trained on digits 0-4, cached under the user cache directory."""
-    cache = Path(args.cache_dir) / f"{CACHE_VERSION}-seed{args.seed}.pt"
-    model = make_model(5)
-    if cache.exists() and not args.no_cache:
-        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-        print(f"source model: loaded from {cache}")
-        return model
-    src = load_digits(range(0, 5), args.seed)
-    torch.manual_seed(args.seed)
-    model = make_model(5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    seconds = train(model, optimizer, src, args.source_epochs, args.seed, "pretrain (digits 0-4)", args.progress)
-    print(f"source model: digits 0-4, test accuracy {accuracy(model, src[2], src[3]):.1%} "
-          f"({seconds:.0f} s)")
-    if not args.no_cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, cache)  # atomic
-    return model
-
-
-def fresh_target_model(source: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    model = make_model(5)
-    model.load_state_dict(source.state_dict())
-    torch.manual_seed(seed)
-    model.reset_classifier(num_classes)  # the new task's head
-    return model
+def file_size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 1024:.1f} KiB" if size < 2**20 else f"{size / 2**20:.2f} MiB"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trpts"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=0.01, help="fraction of scored weights TR-PTS trains")
-    parser.add_argument("--epochs", type=int, default=30, help="target-task epochs per method")
-    parser.add_argument("--source-epochs", type=int, default=30, help="pretraining epochs (source task)")
+    parser.add_argument("--rho", type=float, default=0.7, help="share of tokens kept by each reducing block")
+    parser.add_argument("--token-blocks", type=int, default=2, help="number of reducing blocks")
+    parser.add_argument("--epochs", type=int, default=10, help="target-task epochs per method")
+    parser.add_argument("--source-epochs", type=int, default=20, help="pretraining epochs (source task)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=str(default_cache), help="where the source model is cached")
+    parser.add_argument("--cache-dir", default=str(task.default_cache_dir()), help="where the source model is cached")
     parser.add_argument("--no-cache", action="store_true", help="always pretrain, never read/write the cache")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-
-    source = pretrained_backbone(args)
-    target = load_digits(range(5, 10), args.seed)
-    train_data = list(batches(target[0], target[1], 64))
-    rows: list[dict[str, object]] = []
-
-    # 1. Linear probe: only the new head trains.
-    model = fresh_target_model(source, 5, args.seed)
-    head = list(model.get_classifier().parameters())
-    for p in model.parameters():
-        p.requires_grad_(any(p is h for h in head))
-    seconds = train(model, torch.optim.AdamW(head, lr=1e-2, weight_decay=0.0), target, args.epochs,
-                    args.seed, "linear probe", args.progress)
-    rows.append(dict(method="linear probe", acc=accuracy(model, target[2], target[3]),
-                     trained=sum(p.numel() for p in head), seconds=seconds))
-    total = sum(p.numel() for p in model.parameters())
-
-    # 2. TR-PTS: Fisher scores -> layer-wise allocation -> gradient masks, in a plain loop.
-    model = fresh_target_model(source, 5, args.seed)
     start = time.perf_counter()
-    fisher = trpts.compute_fisher(model, train_data, progress=args.progress)
-    selection = trpts.allocate_connections(fisher, budget=args.budget, model=model)
-    handle = trpts.apply_masks(model, selection)
-    select_seconds = time.perf_counter() - start
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.0, lr=1e-2))
-    seconds = train(model, optimizer, target, args.epochs, args.seed, "TR-PTS", args.progress)
-    frozen_ok = all(torch.equal(p.detach()[~selection[n]], before[n][~selection[n]])
-                    for n, p in model.named_parameters() if n in selection)
-    rows.append(dict(method=f"TR-PTS (budget {args.budget:g})", acc=accuracy(model, target[2], target[3]),
-                     trained=handle.num_trainable, seconds=seconds + select_seconds))
 
-    # 3. Full fine-tuning.
-    model_full = fresh_target_model(source, 5, args.seed)
-    seconds = train(model_full, torch.optim.AdamW(model_full.parameters(), lr=1e-3, weight_decay=0.05),
-                    target, args.epochs, args.seed, "full fine-tuning", args.progress)
-    rows.append(dict(method="full fine-tuning", acc=accuracy(model_full, target[2], target[3]),
-                     trained=total, seconds=seconds))
+    source = task.pretrained_backbone(args.cache_dir, seed=args.seed, epochs=args.source_epochs,
+                                      use_cache=not args.no_cache, progress=args.progress)
+    data = task.position_task(args.seed)
+    (x, y), test = data["train"], data["test"]
+    fit = dict(seed=args.seed, progress=args.progress)
+    out = Path(tempfile.mkdtemp(prefix="trpts-quickstart-"))
+    rows: list[dict[str, object]] = []
+    total = sum(p.numel() for p in source.parameters())
 
-    print(f"\nTarget task: digits 5-9 ({len(target[1])} train / {len(target[3])} test images, 16x16), "
-          f"{args.epochs} epochs each, backbone pretrained on digits 0-4.\n")
-    print(f"{'method':<22} {'test acc':>9} {'trained values':>16} {'% of model':>11} {'time':>8}")
+    # 1. Linear probe: only the new head trains; the task's file is the head.
+    model = task.target_model(source, task.NUM_POSITIONS, args.seed)
+    head = list(model.get_classifier().parameters())
+    model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    seconds = task.train(model, torch.optim.AdamW(head, lr=LR["linear probe"], weight_decay=0.0), x, y,
+                         args.epochs, desc="linear probe", **fit)
+    save_file({k: v.contiguous() for k, v in model.get_classifier().state_dict().items()}, out / "head.safetensors")
+    rows.append(dict(method="linear probe", acc=task.accuracy(model, *test), trained=sum(p.numel() for p in head),
+                     seconds=seconds, file=file_size(out / "head.safetensors")))
+
+    # 2. Full fine-tuning: the task's file is the whole model.
+    model = task.target_model(source, task.NUM_POSITIONS, args.seed)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    seconds = task.train(model, torch.optim.AdamW(trained, lr=LR["full fine-tuning"], weight_decay=0.05), x, y,
+                         args.epochs, desc="full fine-tuning", **fit)
+    save_file(model.state_dict(), out / "full.safetensors")
+    rows.append(dict(method="full fine-tuning", acc=task.accuracy(model, *test),
+                     trained=sum(p.numel() for p in trained), seconds=seconds, file=file_size(out / "full.safetensors")))
+
+    # 3-4. TR-PTS: Fisher scores -> layer-wise allocation -> gradient masks (-> token selection).
+    for with_tokens in (False, True):
+        model = task.target_model(source, task.NUM_POSITIONS, args.seed)
+        t0 = time.perf_counter()
+        fisher = trpts.compute_fisher(model, list(task.batches(x, y)), progress=args.progress)
+        selection = trpts.allocate_connections(fisher, budget=args.budget, model=model)
+        handle = trpts.apply_masks(model, selection)
+        if with_tokens:
+            trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
+        select_seconds = time.perf_counter() - t0
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if n in selection}
+        optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.0, lr=LR["TR-PTS"]))
+        name = "TR-PTS params + tokens" if with_tokens else "TR-PTS params"
+        seconds = task.train(model, optimizer, x, y, args.epochs, desc=name, **fit)
+        frozen_ok = all(torch.equal(p.detach()[~selection[n]], before[n][~selection[n]])
+                        for n, p in model.named_parameters() if n in selection)
+        path = trpts.save_delta(model, out / f"{'both' if with_tokens else 'params'}.safetensors", name="position")
+        rows.append(dict(method=name, acc=task.accuracy(model, *test), trained=handle.num_trainable,
+                         seconds=seconds + select_seconds, file=file_size(path)))
+
+    # The delta is all a task needs: load it onto a fresh copy of the backbone.
+    expected = task.predict(model, test[0])
+    fresh = task.target_model(source, 10, args.seed)  # any head: the delta brings its own
+    trpts.load_delta(fresh, path)
+    reloaded = task.predict(fresh, test[0])
+
+    print(f"\nTarget task: digit position on a 32x32 canvas ({task.NUM_POSITIONS} classes, {len(y)} train / "
+          f"{len(test[1])} test images), {args.epochs} epochs per method; backbone pretrained on digit identity.\n")
+    print(f"{'method':<24} {'test acc':>9} {'trained values':>15} {'% of model':>11} {'train time':>11} "
+          f"{'task file':>10}")
     for r in rows:
-        print(f"{r['method']:<22} {r['acc']:>9.1%} {r['trained']:>16,} {r['trained'] / total:>11.2%} "
-              f"{r['seconds']:>7.1f}s")
+        print(f"{r['method']:<24} {r['acc']:>9.1%} {r['trained']:>15,} {r['trained'] / total:>11.2%} "
+              f"{r['seconds']:>10.1f}s {r['file']:>10}")
+    counts = trpts.token_counts(model, (1, 3, task.CANVAS, task.CANVAS))
     print(f"\nTR-PTS selected {selection.num_selected:,} of {selection.num_scored:,} scored weights "
           f"({selection.fraction:.2%}); per block: {selection.block_counts}")
+    size = (1, 3, task.CANVAS, task.CANVAS)
+    print(f"Tokens leaving each block with token selection: {[n for _, n in counts]} (forward FLOPs "
+          f"{trpts.count_flops(model, size) / 1e6:.1f}M vs {trpts.count_flops(source, size) / 1e6:.1f}M dense)")
     print(f"Entries TR-PTS did not select are bit-identical to the pretrained backbone: "
           f"{'yes' if frozen_ok else 'NO'}")
-    handle.remove()
+    same = torch.equal(expected, reloaded)
+    print(f"Delta reloaded onto a fresh backbone ({path.name}, {file_size(path)}): predictions identical: "
+          f"{'yes' if same else 'NO'}")
+    print(f"Files in {out}; total time {time.perf_counter() - start:.0f} s.")
     return rows
 
 

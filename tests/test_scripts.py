@@ -19,11 +19,13 @@ def _run(*args: str, timeout: int = 300) -> str:
 def test_quickstart_runs_and_reports(tmp_path):
     out = _run("examples/quickstart.py", "--epochs", "1", "--source-epochs", "1", "--no-progress",
                "--cache-dir", str(tmp_path))
-    for method in ("linear probe", "TR-PTS (budget 0.01)", "full fine-tuning"):
+    for method in ("linear probe", "full fine-tuning", "TR-PTS params ", "TR-PTS params + tokens"):
         assert method in out
     assert "bit-identical to the pretrained backbone: yes" in out
-    assert list(tmp_path.glob("quickstart-*.pt")), "the source model should be cached"
-    again = _run("examples/quickstart.py", "--epochs", "1", "--no-progress", "--cache-dir", str(tmp_path))
+    assert "predictions identical: yes" in out
+    assert list(tmp_path.glob("digits-canvas-*-ep1.pt")), "the source model should be cached"
+    again = _run("examples/quickstart.py", "--epochs", "1", "--source-epochs", "1", "--no-progress",
+                 "--cache-dir", str(tmp_path))
     assert "loaded from" in again
 
 
