@@ -1,0 +1,199 @@
+"""Cost of one training step: time and peak memory per method, against full fine-tuning.
+
+For each model and method a fresh Python process builds the model (timm, random weights:
+cost does not depend on the values), sets the method up, runs warm-up steps and then timed
+steps of forward + cross-entropy + backward + AdamW step on a fixed random batch, and reports
+the median step time and its peak memory. Processes for the methods alternate round by round,
+and the table gives the median over rounds, as ratios against full fine-tuning measured in
+the same run.
+
+Methods: full fine-tuning; linear probe (head only: a floor); LoRA through ``peft`` (r = 8 on
+``qkv``, head trained); TR-PTS parameters (``apply_masks``: gradient hooks, budget 1 %);
+TR-PTS parameters + tokens (also ``wrap_vit`` with rho = 0.7 in 3 blocks). The TR-PTS
+selection comes from ``compute_fisher`` on random data in the parent process, so the Fisher
+pass does not count towards a worker's peak memory.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on a GPU (weights,
+gradients, optimizer state, activations); on the CPU (Linux) the peak resident set size of the
+worker from model creation to the end, minus its size after imports (the same plus allocator
+slack), with the peak reset through ``/proc/self/clear_refs``.
+
+    python benchmarks/training.py [--quick] [--models vit_small_patch16_224 ...] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import report
+
+import trpts
+
+METHODS = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "TR-PTS params (hooks)",
+           "TR-PTS params + tokens (hooks)"]
+NOTES = {
+    "TR-PTS params (hooks)": "hooks mask dense weight gradients: no saving expected",
+    "TR-PTS params + tokens (hooks)": "savings come from fewer tokens",
+}
+
+
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) resident set size of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> float:
+    """Reset the process's peak RSS (Linux ``clear_refs``); return the current RSS in MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
+def _build(model_name: str, img: int, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, img_size=img, num_classes=num_classes)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One method, one process: print a JSON line with step times and peak memory."""
+    device = torch.device(args.device)
+    base_rss = _reset_peak_rss() if device.type == "cpu" else 0.0
+    torch.manual_seed(0)
+    model = _build(args.model, args.img, args.num_classes).to(device)
+    method = args.method
+    if method == "linear probe":
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    elif method.startswith("LoRA"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+    elif method.startswith("TR-PTS"):
+        blob = torch.load(args.selection, weights_only=True)
+        selection = trpts.Selection.from_tensors(blob["tensors"], json.loads(blob["config"]))
+        handle = trpts.apply_masks(model, selection)
+        if "tokens" in method:
+            trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method.startswith("TR-PTS"):
+        optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.0, lr=1e-4))
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(device)
+    model.train()
+
+    def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(args.steps)]
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _status_mib("VmHWM") - base_rss)
+    trained = handle.num_trainable if method.startswith("TR-PTS") else sum(p.numel() for p in params)
+    print(json.dumps({"times": times, "peak_mib": peak, "trained": trained}))
+
+
+def _selection_file(model_name: str, img: int, num_classes: int, budget: float, tmp: Path) -> Path:
+    """Fisher on two random batches -> allocation; saved for the workers."""
+    torch.manual_seed(0)
+    model = _build(model_name, img, num_classes)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, img, img, generator=g), torch.randint(0, num_classes, (4,), generator=g))
+               for _ in range(2)]
+    fisher = trpts.compute_fisher(model, batches, progress=False)
+    selection = trpts.allocate_connections(fisher, budget=budget, model=model)
+    path = tmp / f"{model_name}.pt"
+    torch.save({"tensors": selection.to_tensors(), "config": json.dumps(selection.to_config())}, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="vit_tiny at 64 px, 2 steps, 1 round (seconds)")
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="processes per method (median over rounds)")
+    parser.add_argument("--budget", type=float, default=0.01)
+    parser.add_argument("--rho", type=float, default=0.7)
+    parser.add_argument("--token-blocks", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--selection", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    if args.quick:
+        args.models, args.img, args.steps, args.warmup, args.rounds = ["vit_tiny_patch16_224"], 64, 2, 1, 1
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        bar = tqdm(total=len(args.models) * len(args.methods) * args.rounds, desc="worker processes",
+                   disable=args.no_progress)
+        for model_name in args.models:
+            selection = _selection_file(model_name, args.img, args.num_classes, args.budget, Path(tmpdir))
+            runs: dict[str, list[dict[str, object]]] = {m: [] for m in args.methods}
+            for _ in range(args.rounds):
+                for method in args.methods:
+                    cmd = [sys.executable, __file__, "--worker", "--model", model_name, "--method", method,
+                           "--selection", str(selection), "--img", str(args.img), "--batch", str(args.batch),
+                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rho", str(args.rho),
+                           "--token-blocks", str(args.token_blocks), "--num-classes", str(args.num_classes),
+                           "--device", args.device]
+                    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"worker {model_name} / {method} failed:\n{done.stderr}")
+                    runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    bar.update()
+            summary = {m: (statistics.median(statistics.median(r["times"]) for r in rs),
+                           statistics.median(r["peak_mib"] for r in rs), rs[0]["trained"])
+                       for m, rs in runs.items()}
+            ref_time, ref_mem, _ = summary.get("full fine-tuning", next(iter(summary.values())))
+            for method, (t, mem, trained) in summary.items():
+                rows.append({"model": model_name, "method": method, "trained values": f"{trained:,}",
+                             "step time": f"{t * 1000:.0f} ms", "time vs full": f"{t / ref_time:.2f}x",
+                             "peak memory": f"{mem:.0f} MiB", "memory vs full": f"{mem / ref_mem:.2f}x",
+                             "note": NOTES.get(method, "")})
+        bar.close()
+    settings = {"device": args.device, "img": args.img, "batch": args.batch, "optimizer": "AdamW",
+                "steps": args.steps, "rounds": args.rounds, "budget": args.budget,
+                "tokens": f"rho {args.rho} in {args.token_blocks} blocks"}
+    return report("Training step cost", "training.py", argv, settings, rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
