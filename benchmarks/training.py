@@ -34,9 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from common import report
+from tqdm.auto import tqdm
 
 import trpts
 
@@ -135,7 +134,7 @@ def _selection_file(model_name: str, img: int, num_classes: int, budget: float, 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="vit_tiny at 64 px, 2 steps, 1 round (seconds)")
+    parser.add_argument("--quick", action="store_true", help="vit_tiny at 32 px, 2 steps, 1 round (seconds)")
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--img", type=int, default=224)
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         worker(args)
         return {}
     if args.quick:
-        args.models, args.img, args.steps, args.warmup, args.rounds = ["vit_tiny_patch16_224"], 64, 2, 1, 1
+        args.models, args.img, args.steps, args.warmup, args.rounds = ["vit_tiny_patch16_224"], 32, 2, 1, 1
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         bar = tqdm(total=len(args.models) * len(args.methods) * args.rounds, desc="worker processes",

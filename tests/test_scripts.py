@@ -59,3 +59,89 @@ def test_deltas_benchmark_quick(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert len(rows) == 4 and "switch task (ms)" in out
     assert all(float(r["vs floor"].split("x")[0]) < 1.2 for r in rows)  # tiny model: the header weighs
+
+
+def test_accuracy_benchmark_quick(tmp_path):
+    out = _run("benchmarks/accuracy.py", "--quick", "--no-progress", "--cache-dir", str(tmp_path),
+               "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == [
+        "linear probe", "full fine-tuning", "BitFit", "LoRA (peft, r=8, qkv)", "GPS-style (uniform K, |grad|)",
+        "TR-PTS params only", "TR-PTS tokens only", "TR-PTS params + tokens (sparse)",
+        "TR-PTS params + tokens (dense)", "TR-PTS params + tokens (random)"]
+    trained = {r["method"]: int(r["trained values"].replace(",", "")) for r in rows}
+    assert trained["linear probe"] == trained["TR-PTS tokens only"] == 96 * 4 + 4
+    assert trained["linear probe"] < trained["TR-PTS params only"] < trained["LoRA (peft, r=8, qkv)"]
+    assert trained["TR-PTS params only"] < trained["full fine-tuning"]
+    assert "test acc" in out
+
+
+def test_training_benchmark_quick(tmp_path):
+    _run("benchmarks/training.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["method"] for r in rows][:3] == ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)"]
+    assert rows[0]["time vs full"] == "1.00x" and rows[0]["memory vs full"] == "1.00x"
+    assert all(float(r["peak memory"].split()[0]) > 0 for r in rows)
+
+
+def _png(path: Path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), (value, 255 - value, value // 2)).save(path)
+
+
+TINY = ["--checkpoint", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs",
+        '{"depth": 2, "embed_dim": 48, "num_heads": 2}', "--img-size", "32", "--epochs", "2", "--warmup-epochs",
+        "1", "--batch-size", "4", "--workers", "0", "--fisher-batches", "1", "--token-blocks", "1",
+        "--budget", "0.05", "--no-progress"]
+
+
+def test_vtab_harness_on_a_generated_dataset(tmp_path):
+    import trpts
+
+    root = tmp_path / "vtab-1k" / "eurosat"
+    lines = []
+    for i in range(12):
+        _png(root / "images" / f"{i}.jpg", 20 * i)
+        lines.append(f"images/{i}.jpg {i % 3}")
+    for name, part in {"train800": lines[:6], "val200": lines[6:8], "train800val200": lines[:8],
+                       "test": lines[8:]}.items():
+        (root / f"{name}.txt").write_text("\n".join(part) + "\n")
+    out = _run("examples/vtab.py", "--data-root", str(tmp_path / "vtab-1k"), "--dataset", "eurosat",
+               "--out", str(tmp_path / "runs"), *TINY)
+    assert "eurosat: test accuracy" in out
+    result = json.loads((tmp_path / "runs" / "eurosat.json").read_text())
+    assert result["eval_split"] == "test" and 0 <= result["accuracy"] <= 1 and len(result["reducing_blocks"]) == 1
+    meta, _ = trpts.read_delta(tmp_path / "runs" / "eurosat.safetensors")
+    assert meta["user"]["eval_split"] == "test"
+    bad = subprocess.run([sys.executable, "examples/vtab.py", "--data-root", str(tmp_path), "--dataset", "dtd",
+                          *TINY], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "train800val200.txt not found" in bad.stderr
+
+
+def test_fgvc_harness_on_a_generated_dataset(tmp_path):
+    root = tmp_path / "fgvc" / "CUB_200_2011"
+    splits: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
+    for i in range(12):
+        rel = f"{i % 3:03d}.Bird/{i}.jpg"
+        _png(root / "images" / rel, 20 * i)
+        split = "train" if i < 6 else "val" if i < 8 else "test"
+        splits[split][rel] = 1 + i % 3  # CUB's labels are 1-based
+    for name, content in splits.items():
+        (root / f"{name}.json").write_text(json.dumps(content))
+    out = _run("examples/fgvc.py", "--data-root", str(tmp_path / "fgvc"), "--dataset", "CUB_200_2011",
+               "--split", "val", "--out", str(tmp_path / "runs"), *TINY)
+    assert "CUB_200_2011: val accuracy" in out
+    result = json.loads((tmp_path / "runs" / "CUB_200_2011.json").read_text())
+    assert result["eval_split"] == "val" and result["trained_values"] > 0
+
+
+def test_hf_trainer_example(tmp_path):
+    import trpts
+
+    out = _run("examples/hf_trainer.py", "--epochs", "1", "--out", str(tmp_path))
+    assert "test accuracy" in out
+    meta, tensors = trpts.read_delta(tmp_path / "position.safetensors")
+    assert meta["family"] == "hf-vit" and meta["tokens"]["layers"]
+    assert any(k.startswith("values:") for k in tensors)
