@@ -8,8 +8,9 @@ and the table gives the median over rounds, as ratios against full fine-tuning m
 the same run.
 
 Methods: full fine-tuning; linear probe (head only: a floor); LoRA through ``peft`` (r = 8 on
-``qkv``, head trained); TR-PTS parameters (``apply_masks``: gradient hooks, budget 1 %);
-TR-PTS parameters + tokens (also ``wrap_vit`` with rho = 0.7 in 3 blocks). The TR-PTS
+``qkv``, head trained); TR-PTS parameters (``apply_masks``, budget 1 %) in the default hook
+storage and in ``storage="sparse"``; each also with tokens (``wrap_vit``, rho = 0.7 in 3
+blocks). The TR-PTS
 selection comes from ``compute_fisher`` on random data in the parent process, so the Fisher
 pass does not count towards a worker's peak memory.
 
@@ -18,7 +19,7 @@ gradients, optimizer state, activations); on the CPU (Linux) the peak resident s
 worker from model creation to the end, minus its size after imports (the same plus allocator
 slack), with the peak reset through ``/proc/self/clear_refs``.
 
-    python benchmarks/training.py [--quick] [--models vit_small_patch16_224 ...] [--batch 8]
+    python benchmarks/training.py [--quick] [--models vit_small_patch16_224 ...] [--batches 8 32]
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from tqdm.auto import tqdm
 import trpts
 
 METHODS = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "TR-PTS params (hooks)",
-           "TR-PTS params + tokens (hooks)"]
+           "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)", "TR-PTS params + tokens (sparse)"]
 NOTES = {
-    "TR-PTS params (hooks)": "hooks mask dense weight gradients: no saving expected",
-    "TR-PTS params + tokens (hooks)": "savings come from fewer tokens",
+    "TR-PTS params (hooks)": "dense weight gradients, then masked: no saving expected",
+    "TR-PTS params + tokens (hooks)": "savings come from fewer tokens only",
+    "TR-PTS params (sparse)": "no dense weight gradient, O(k) optimizer state",
+    "TR-PTS params + tokens (sparse)": "",
 }
 
 
@@ -84,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     elif method.startswith("TR-PTS"):
         blob = torch.load(args.selection, weights_only=True)
         selection = trpts.Selection.from_tensors(blob["tensors"], json.loads(blob["config"]))
-        handle = trpts.apply_masks(model, selection)
+        handle = trpts.apply_masks(model, selection, storage="sparse" if "sparse" in method else "hooks")
         if "tokens" in method:
             trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", nargs="+", type=int, default=[8], help="batch sizes")
+    parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="processes per method (median over rounds)")
@@ -161,34 +165,39 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         args.models, args.img, args.steps, args.warmup, args.rounds = ["vit_tiny_patch16_224"], 32, 2, 1, 1
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
-        bar = tqdm(total=len(args.models) * len(args.methods) * args.rounds, desc="worker processes",
-                   disable=args.no_progress)
+        bar = tqdm(total=len(args.models) * len(args.batches) * len(args.methods) * args.rounds,
+                   desc="worker processes", disable=args.no_progress)
         for model_name in args.models:
             selection = _selection_file(model_name, args.img, args.num_classes, args.budget, Path(tmpdir))
-            runs: dict[str, list[dict[str, object]]] = {m: [] for m in args.methods}
-            for _ in range(args.rounds):
-                for method in args.methods:
-                    cmd = [sys.executable, __file__, "--worker", "--model", model_name, "--method", method,
-                           "--selection", str(selection), "--img", str(args.img), "--batch", str(args.batch),
-                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rho", str(args.rho),
-                           "--token-blocks", str(args.token_blocks), "--num-classes", str(args.num_classes),
-                           "--device", args.device]
-                    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
-                    if done.returncode != 0:
-                        raise RuntimeError(f"worker {model_name} / {method} failed:\n{done.stderr}")
-                    runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                    bar.update()
-            summary = {m: (statistics.median(statistics.median(r["times"]) for r in rs),
-                           statistics.median(r["peak_mib"] for r in rs), rs[0]["trained"])
-                       for m, rs in runs.items()}
-            ref_time, ref_mem, _ = summary.get("full fine-tuning", next(iter(summary.values())))
-            for method, (t, mem, trained) in summary.items():
-                rows.append({"model": model_name, "method": method, "trained values": f"{trained:,}",
-                             "step time": f"{t * 1000:.0f} ms", "time vs full": f"{t / ref_time:.2f}x",
-                             "peak memory": f"{mem:.0f} MiB", "memory vs full": f"{mem / ref_mem:.2f}x",
-                             "note": NOTES.get(method, "")})
+            for batch in args.batches:
+                runs: dict[str, list[dict[str, object]]] = {m: [] for m in args.methods}
+                for _ in range(args.rounds):
+                    for method in args.methods:
+                        cmd = [sys.executable, __file__, "--worker", "--model", model_name, "--method", method,
+                               "--selection", str(selection), "--img", str(args.img), "--batch", str(batch),
+                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--rho", str(args.rho),
+                               "--token-blocks", str(args.token_blocks), "--num-classes", str(args.num_classes),
+                               "--device", args.device]
+                        done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+                        if done.returncode != 0:
+                            raise RuntimeError(f"worker {model_name} / {method} failed:\n{done.stderr}")
+                        runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                        bar.update()
+                summary = {m: (statistics.median(statistics.median(r["times"]) for r in rs),
+                               statistics.median(r["peak_mib"] for r in rs), rs[0]["trained"])
+                           for m, rs in runs.items()}
+                ref_time, ref_mem, _ = summary.get("full fine-tuning", next(iter(summary.values())))
+                lora = summary.get("LoRA (peft r=8, qkv)")
+                for method, (t, mem, trained) in summary.items():
+                    rows.append({"model": model_name, "batch": batch, "method": method,
+                                 "trained values": f"{trained:,}", "step time": f"{t * 1000:.0f} ms",
+                                 "time vs full": f"{t / ref_time:.2f}x",
+                                 "time vs LoRA": f"{t / lora[0]:.2f}x" if lora else "",
+                                 "peak memory": f"{mem:.0f} MiB", "memory vs full": f"{mem / ref_mem:.2f}x",
+                                 "memory vs LoRA": f"{mem / lora[1]:.2f}x" if lora else "",
+                                 "note": NOTES.get(method, "")})
         bar.close()
-    settings = {"device": args.device, "img": args.img, "batch": args.batch, "optimizer": "AdamW",
+    settings = {"device": args.device, "img": args.img, "optimizer": "AdamW",
                 "steps": args.steps, "rounds": args.rounds, "budget": args.budget,
                 "tokens": f"rho {args.rho} in {args.token_blocks} blocks"}
     return report("Training step cost", "training.py", argv, settings, rows, args.json)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import make_batches, make_timm_vit
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    from conftest import make_batches, make_timm_vit
-
+def _worker(rank: int, world: int, init_file: str, out_dir: str, storage: str) -> None:
     import trpts
 
     torch.set_num_threads(1)
@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         shard = make_batches(2, 4, seed=10 + rank)  # different data on each rank
         fisher = trpts.compute_fisher(model, shard, progress=False)
         selection = trpts.allocate_connections(fisher, budget=0.05, model=model)
-        handle = trpts.apply_masks(model, selection)
+        handle = trpts.apply_masks(model, selection, storage=storage)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         # names never carry DDP's "module." prefix
@@ -35,6 +35,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             optimizer.zero_grad()
             F.cross_entropy(ddp(x), y).backward()
             optimizer.step()
+        handle.remove()  # sparse storage: writes the trained values into the weights
+        before = {n: before[n] for n in dict(model.named_parameters())}
         frozen_ok = all(
             torch.equal(p.detach()[~selection[n]], before[n][~selection[n]]) if n in selection
             else (n in handle.full or torch.equal(p.detach(), before[n]))
@@ -47,9 +49,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_ddp(tmp_path):
+@pytest.mark.parametrize("storage", ["hooks", "sparse"])
+def test_two_process_gloo_ddp(tmp_path, storage):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), storage), nprocs=world, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
     assert list(r0["fisher"]) == list(r1["fisher"])
     for n in r0["fisher"]:
@@ -57,12 +60,11 @@ def test_two_process_gloo_ddp(tmp_path):
     for n in r0["indices"]:
         assert torch.equal(r0["indices"][n], r1["indices"][n]), n
     assert r0["frozen_ok"] and r1["frozen_ok"]
+    assert set(r0["params"]) == set(dict(make_timm_vit().named_parameters()))
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
 
     # The all-reduced scores are those of the union of both shards on one process.
-    from conftest import make_batches, make_timm_vit
-
     import trpts
 
     union = make_batches(2, 4, seed=10) + make_batches(2, 4, seed=11)

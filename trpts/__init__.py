@@ -36,7 +36,7 @@ from .errors import (
 )
 from .fisher import compute_fisher, default_scored_parameters
 from .flops import count_flops, token_counts
-from .masking import MaskHandle, apply_masks, get_mask_handle
+from .masking import MaskHandle, SparseMaskHandle, apply_masks, get_mask_handle
 from .tokens import (
     TokenConfig,
     TokenSelectMerge,
@@ -67,6 +67,7 @@ __all__ = [
     "MaskHandle",
     "MatrixAllocation",
     "Selection",
+    "SparseMaskHandle",
     "TokenConfig",
     "TokenSelectMerge",
     "TrptsError",

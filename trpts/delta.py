@@ -111,7 +111,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
     for m, info in selection.matrices.items():
         p = params[m]
         idx = selection.indices(m)
-        values = p.detach().reshape(info.rows, info.fan_in).gather(1, idx.to(p.device))
+        values = handle.selected_values(m)  # the weight's entries, or sparse storage's vector
         tensors[f"values:{canon(m)}"] = values.to(dtype or p.dtype).cpu().contiguous()
         tensors[f"columns:{canon(m)}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
         matrices[canon(m)] = {"shape": list(info.shape), "connections": info.connections}

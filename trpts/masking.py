@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,11 @@ from .errors import (
     WeightDecayError,
 )
 from .models import get_adapter
+from .sparse import SparseStorage, check_sparse_module
 
-__all__ = ["MaskHandle", "apply_masks", "get_mask_handle"]
+__all__ = ["MaskHandle", "SparseMaskHandle", "Storage", "apply_masks", "get_mask_handle"]
+
+Storage = Literal["hooks", "sparse"]
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, MaskHandle] = weakref.WeakKeyDictionary()
 
@@ -138,6 +141,15 @@ class MaskHandle:
                         "weights in a group without weight decay (nothing was changed by this step)"
                     )
 
+    def selected_values(self, name: str) -> Tensor:
+        """Current values of the selected entries of weight ``name``: ``[rows, C_l]`` (a copy)."""
+        info = self.selection.matrices[name]
+        p = self.masked.get(name, self.full.get(name))
+        if p is None:
+            raise TrptsKeyError(f"{name!r} is not a weight of this handle's selection")
+        idx = self.selection.indices(name).to(p.device)
+        return p.detach().reshape(info.rows, info.fan_in).gather(1, idx)
+
     # ---- optimizer helpers -------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter (masked weights first, then fully trainable ones)."""
@@ -188,6 +200,102 @@ class MaskHandle:
                 f"trainable ({100 * self.trainable_fraction:.3f}%))")
 
 
+class SparseMaskHandle(MaskHandle):
+    """:class:`MaskHandle` of ``storage="sparse"``: each masked weight is frozen and its selected
+    entries live in a compact trainable vector ``values[name]`` (float, ``[k]``, row-major in
+    :meth:`Selection.flat_indices` order) registered on the weight's module as
+    ``trpts_values``. ``remove()`` writes the values into the weights."""
+
+    storage = "sparse"
+
+    def __init__(self, model: nn.Module, selection: Selection, masked: dict[str, nn.Parameter],
+                 frozen: dict[str, Tensor], full: dict[str, nn.Parameter], base_values: dict[str, Tensor],
+                 owners: dict[str, nn.Module]):
+        super().__init__(model, selection, masked, frozen, full, base_values)
+        self._owners = owners
+        self._storages: dict[str, SparseStorage] = {}
+        self.values: dict[str, nn.Parameter] = {}
+
+    def _install(self) -> None:
+        model = self._model_ref()
+        assert model is not None
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._active = True
+        try:
+            for name, module in self._owners.items():
+                storage = SparseStorage(module, self.selection.indices(name), self.base_values[name])
+                self.values[name] = storage.install()
+                self._storages[name] = storage
+            trainable = {id(p) for p in (*self.values.values(), *self.full.values())}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trainable)
+        except BaseException:
+            self._remove(merge=False)
+            raise
+        _ACTIVE[model] = self
+
+    def remove(self) -> None:
+        """Write the trained values into the weights, remove the compact parameters and
+        restore the modules and every ``requires_grad`` flag. Idempotent."""
+        self._remove(merge=True)
+
+    def _remove(self, merge: bool) -> None:
+        if not self._active:
+            return
+        for storage in self._storages.values():
+            storage.remove(merge=merge)
+        self._storages.clear()
+        self.values = {}
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        model = self._model_ref()
+        if model is not None and _ACTIVE.get(model) is self:
+            del _ACTIVE[model]
+        self._active = False
+
+    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        return  # frozen weights have no .grad: nothing an optimizer can decay
+
+    def selected_values(self, name: str) -> Tensor:
+        if self._active and name in self.values:
+            info = self.selection.matrices[name]
+            return self.values[name].detach().view(info.rows, info.connections).clone()
+        return super().selected_values(name)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter (compact value vectors first, then fully trainable ones)."""
+        return [*self.values.values(), *self.full.values()]
+
+    def param_groups(self, weight_decay: float = 0.0, selected_weight_decay: float = 0.0,
+                     **options: Any) -> list[dict[str, Any]]:
+        """Like :meth:`MaskHandle.param_groups`, with the value vectors as the first group.
+
+        ``selected_weight_decay`` decays the selected entries themselves (towards 0, as
+        decoupled decay does for any weight); default 0, which matches the hook mode.
+        """
+        groups = [
+            ("selected", list(self.values.values()), float(selected_weight_decay)),
+            ("decay", [p for p in self.full.values() if p.ndim >= 2], float(weight_decay)),
+            ("no_decay", [p for p in self.full.values() if p.ndim < 2], 0.0),
+        ]
+        return [{"params": ps, "weight_decay": wd, "trpts_group": g, **options}
+                for g, ps, wd in groups if ps]
+
+    @property
+    def num_selected(self) -> int:
+        return sum(self.selection.matrices[n].count for n in self.masked)
+
+    @property
+    def num_total(self) -> int:
+        """All parameter values of the model, not counting the compact copies."""
+        compact = {id(v) for v in self.values.values()}
+        model = self._model_ref()
+        return sum(p.numel() for p in model.parameters() if id(p) not in compact) if model is not None else 0
+
+    def __repr__(self) -> str:
+        return "Sparse" + super().__repr__().replace("masked weights", "compact weights")
+
+
 def _weak_step_check(handle: MaskHandle):
     """A global optimizer pre-hook that does not keep the handle (and its model) alive."""
     ref = weakref.ref(handle)
@@ -207,6 +315,7 @@ def apply_masks(
     train_head: bool = True,
     train_biases: bool = False,
     extra_trainable: Iterable[str] = (),
+    storage: Storage = "hooks",
 ) -> MaskHandle:
     """Make the model train only the selected entries (plus the head) in the user's own loop.
 
@@ -221,6 +330,11 @@ def apply_masks(
         train_biases: also train the biases of the masked weights' modules (GPS does).
             Default off: only the selected entries and the head change.
         extra_trainable: names of further parameters to train fully (e.g. a custom head).
+        storage: ``"hooks"`` (default): gradient hooks on the dense weights; training memory
+            and time are those of full fine-tuning. ``"sparse"``: each masked weight is
+            frozen and its selected entries become a compact trainable vector (see
+            :class:`SparseMaskHandle`): no dense weight gradient, O(k) optimizer state, the
+            same training trajectory. Supports ``nn.Linear`` and patch-embedding convs.
 
     Everything else gets ``requires_grad=False``: LayerNorms, position embedding, class /
     register tokens and every weight without a selected entry. Validates everything before
@@ -235,6 +349,8 @@ def apply_masks(
         raise TrptsTypeError(
             f"selection must be a trpts.Selection (from allocate_connections), got {type(selection).__name__}"
         )
+    if storage not in ("hooks", "sparse"):
+        raise TrptsValueError(f"storage must be 'hooks' or 'sparse', got {storage!r}")
     base = unwrap_model(model)
     if base in _ACTIVE:
         raise TrptsRuntimeError(
@@ -260,12 +376,13 @@ def apply_masks(
                 f"selection weight {name!r} has shape {selection.matrices[name].shape} but the "
                 f"model's parameter has shape {tuple(p.shape)}"
             )
-        mask = selection[name]
-        if bool(mask.all()):
+        info = selection.matrices[name]
+        if info.connections == info.fan_in:
             full[name] = p
         else:
             masked[name] = p
-            frozen[name] = (~mask).to(p.device)
+            if storage == "hooks":  # sparse storage needs no dense mask
+                frozen[name] = (~selection[name]).to(p.device)
         base_values[name] = p.detach().reshape(-1)[selection.flat_indices(name).to(p.device)].clone()
     if train_head:
         try:
@@ -289,6 +406,14 @@ def apply_masks(
             raise TrptsValueError(f"extra_trainable name {raw!r} is masked by the selection; drop it")
         full.setdefault(name, named[name])
 
-    handle = MaskHandle(base, selection, masked, frozen, full, base_values)
+    if storage == "sparse":
+        owners = {}
+        for name in masked:
+            module = owner.get(id(named[name]))
+            check_sparse_module(name, module)
+            owners[name] = module
+        handle: MaskHandle = SparseMaskHandle(base, selection, masked, frozen, full, base_values, owners)
+    else:
+        handle = MaskHandle(base, selection, masked, frozen, full, base_values)
     handle._install()
     return handle

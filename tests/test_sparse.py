@@ -1,0 +1,266 @@
+"""Sparse storage (apply_masks(storage="sparse")): compact trainable vectors, sparse weight
+gradients, the same training trajectory as the hook mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
+from hypothesis import given
+from hypothesis import strategies as st
+
+import trpts
+import trpts.sparse as sp
+from trpts.sparse import sparse_weight_grad
+
+
+def _selection(model, budget=0.05):
+    fisher = trpts.compute_fisher(model, make_batches(2), progress=False)
+    return trpts.allocate_connections(fisher, budget=budget, model=model)
+
+
+def _train(model, handle, batches, opt="adamw", autocast=False):
+    if opt == "adamw":
+        optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05, lr=1e-2))
+    else:
+        optimizer = torch.optim.SGD(handle.param_groups(weight_decay=0.01, lr=0.1, momentum=0.9, nesterov=True))
+    model.train()
+    for x, y in batches:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(_logits(model, x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(handle.parameters(), 1.0)
+        optimizer.step()
+    return optimizer
+
+
+def _logits(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+@given(tokens=st.integers(1, 40), rows=st.integers(1, 12), fan_in=st.integers(1, 20), seed=st.integers(0, 99),
+       data=st.data())
+def test_sparse_weight_grad_equals_dense_gradient_at_selected_entries(kernel, tokens, rows, fan_in, seed, data):
+    conns = data.draw(st.integers(1, fan_in))
+    g = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(tokens, fan_in, generator=g), torch.randn(tokens, rows, generator=g)
+    index = torch.stack([torch.randperm(fan_in, generator=g)[:conns].sort().values for _ in range(rows)])
+    dense = (dy.double().t() @ x.double()).gather(1, index)
+    sp.set_sparse_kernel(kernel)
+    try:
+        got = sparse_weight_grad(x, dy, index)
+    finally:
+        sp.set_sparse_kernel("auto")
+    torch.testing.assert_close(got.double(), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_row_blocks_give_the_same_result(monkeypatch):
+    sp.set_sparse_kernel("eager")
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(50, 30, generator=g), torch.randn(50, 20, generator=g)
+    index = torch.stack([torch.randperm(30, generator=g)[:4].sort().values for _ in range(20)])
+    whole = sparse_weight_grad(x, dy, index)
+    monkeypatch.setattr(sp, "_CHUNK_ELEMENTS", 50 * 4 * 3)  # 3 rows per block
+    assert torch.equal(sparse_weight_grad(x, dy, index), whole)
+    sp.set_sparse_kernel("auto")
+
+
+def test_bad_kernel_name():
+    with pytest.raises(ValueError, match="'auto', 'compiled' or 'eager'"):
+        sp.set_sparse_kernel("triton")
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_same_trajectory_as_hook_mode(family, opt):
+    hooks_model = MODEL_FACTORIES[family]()
+    selection = _selection(hooks_model)
+    sparse_model = copy.deepcopy(hooks_model)
+    pretrained = {n: p.detach().clone() for n, p in hooks_model.named_parameters()}
+    h1 = trpts.apply_masks(hooks_model, selection)
+    h2 = trpts.apply_masks(sparse_model, selection, storage="sparse")
+    assert isinstance(h2, trpts.SparseMaskHandle) and h2.storage == "sparse"
+    batches = make_batches(4, 4, seed=5)
+    _train(hooks_model, h1, batches, opt)
+    _train(sparse_model, h2, batches, opt)
+    # Frozen weights are never written while the storage is installed.
+    for name in h2.masked:
+        assert torch.equal(sparse_model.get_parameter(name), pretrained[name]), name
+        # Only the summation order of the selected entries' gradients differs (dense GEMM vs
+        # gathered row sums): float32 rounding, amplified a little by Adam's normalization.
+        torch.testing.assert_close(h2.selected_values(name), h1.selected_values(name), rtol=1e-4, atol=1e-5)
+    for name in h1.full:
+        torch.testing.assert_close(sparse_model.get_parameter(name), hooks_model.get_parameter(name),
+                                   rtol=1e-4, atol=1e-5)
+    x = batches[0][0]
+    sparse_model.eval(), hooks_model.eval()
+    torch.testing.assert_close(_logits(sparse_model, x), _logits(hooks_model, x), rtol=1e-4, atol=1e-4)
+    h2.remove()
+    for name in h2.masked:  # merged: frozen entries bit-identical, selected entries trained
+        frozen = ~selection[name]
+        w = sparse_model.get_parameter(name).detach()
+        assert torch.equal(w[frozen], pretrained[name][frozen]), name
+        assert not torch.equal(w[~frozen], pretrained[name][~frozen]), name
+    assert set(dict(sparse_model.named_parameters())) == set(pretrained)
+
+
+def test_memory_no_dense_grad_and_optimizer_state_is_o_k():
+    model = make_timm_vit()
+    selection = _selection(model)
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    optimizer = _train(model, handle, make_batches(2, 4, seed=3))
+    for name in handle.masked:
+        w = model.get_parameter(name)
+        assert w.grad is None and not w.requires_grad and w not in optimizer.state
+        assert handle.values[name].shape == (selection.matrices[name].count,)
+        assert handle.values[name].grad is not None
+    state_values = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.ndim > 0)
+    assert state_values == 2 * handle.num_trainable  # Adam: exp_avg + exp_avg_sq, nothing dense
+    assert handle.num_trainable < 0.2 * handle.num_total
+    assert handle.num_total == sum(p.numel() for p in make_timm_vit().parameters())
+
+
+def test_state_dict_is_the_plain_models_and_loading_refreshes_values():
+    model = make_timm_vit()
+    selection = _selection(model)
+    plain_keys = list(model.state_dict())
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    _train(model, handle, make_batches(2, 4, seed=3))
+    sd = model.state_dict()
+    assert list(sd) == plain_keys
+    x = make_batches(1)[0][0]
+    model.eval()
+    expected = model(x)
+    fresh = make_timm_vit()
+    fresh.load_state_dict(sd)  # a plain model loads it and predicts the same
+    torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=0)
+    # Loading a plain checkpoint into the sparse model refreshes the values (strict).
+    other = make_timm_vit(depth=2)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(model(x), other.eval()(x), rtol=1e-5, atol=1e-5)
+    handle.remove()
+
+
+def test_delta_round_trip_from_sparse_storage(tmp_path):
+    model = make_timm_vit()
+    selection = _selection(model)
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    _train(model, handle, make_batches(3, 4, seed=3))
+    path = trpts.save_delta(model, tmp_path / "task.safetensors")
+    x = make_batches(1)[0][0]
+    model.eval()
+    expected = model(x)
+    backbone = make_timm_vit()
+    trpts.load_delta(backbone, path)
+    assert torch.equal(backbone.eval()(x), expected)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    model = make_timm_vit(drop_rate=0.0)
+    selection = _selection(model)
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    (x, y), = make_batches(1, 8, seed=4)
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    whole = {n: v.grad.clone() for n, v in handle.values.items()}
+    for v in handle.parameters():
+        v.grad = None
+    for i in (0, 4):
+        (F.cross_entropy(model(x[i:i + 4]), y[i:i + 4]) / 2).backward()
+    for n, v in handle.values.items():
+        torch.testing.assert_close(v.grad, whole[n], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_gradients_close_to_hook_mode_and_frozen_exact():
+    hooks_model = make_timm_vit()
+    selection = _selection(hooks_model)
+    sparse_model = copy.deepcopy(hooks_model)
+    pretrained = {n: p.detach().clone() for n, p in hooks_model.named_parameters()}
+    trpts.apply_masks(hooks_model, selection)
+    h2 = trpts.apply_masks(sparse_model, selection, storage="sparse")
+    (x, y), = make_batches(1, 8, seed=6)
+    for model in (hooks_model, sparse_model):
+        with torch.autocast("cpu", torch.bfloat16):
+            F.cross_entropy(model(x), y).backward()
+    for name in h2.masked:
+        info = selection.matrices[name]
+        dense = hooks_model.get_parameter(name).grad.reshape(info.rows, info.fan_in)
+        expected = dense.gather(1, selection.indices(name))
+        got = h2.values[name].grad.view(info.rows, info.connections)
+        assert got.dtype == torch.float32
+        # the hook mode's weight gradient is a bf16 GEMM (rounded to bf16); ours sums in fp32
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * float(expected.abs().max()))
+    _train(sparse_model, h2, make_batches(2, 4, seed=6), autocast=True)
+    for name in h2.masked:
+        assert torch.equal(sparse_model.get_parameter(name), pretrained[name])
+
+
+def test_torch_compile_matches_eager():
+    eager = make_timm_vit()
+    selection = _selection(eager)
+    compiled_src = copy.deepcopy(eager)
+    h1 = trpts.apply_masks(eager, selection, storage="sparse")
+    h2 = trpts.apply_masks(compiled_src, selection, storage="sparse")
+    compiled = torch.compile(compiled_src, backend="aot_eager")
+    batches = make_batches(2, 4, seed=7)
+    _train(eager, h1, batches)
+    _train(compiled, h2, batches)
+    for name in h1.values:
+        torch.testing.assert_close(h2.values[name], h1.values[name], rtol=1e-5, atol=1e-6)
+
+
+def test_with_token_selection():
+    model = make_timm_vit()
+    selection = _selection(model)
+    reference = copy.deepcopy(model)
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    trpts.wrap_vit(model, selection, rho=1.0, num_layers=1)
+    x = make_batches(1)[0][0]
+    assert torch.equal(model.eval()(x), reference.eval()(x))  # rho=1 and untrained values: exact
+    trpts.unwrap_vit(model)
+    trpts.wrap_vit(model, selection, rho=0.5, num_layers=1)
+    _train(model, handle, make_batches(2, 4, seed=8))
+    assert all(v.grad is not None for v in handle.values.values())
+
+
+def test_hf_dict_batches_and_remove_restores_modules():
+    model = make_hf_vit()
+    selection = _selection(model)
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    modules = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in handle.masked}
+    assert all("forward" in vars(m) for m in modules.values())
+    x, y = make_batches(1)[0]
+    optimizer = torch.optim.AdamW(handle.param_groups(lr=1e-2))
+    model(pixel_values=x, labels=y).loss.backward()
+    optimizer.step()
+    handle.remove()
+    handle.remove()  # idempotent
+    for m in modules.values():
+        assert "forward" not in vars(m) and not hasattr(m, "trpts_values") and not hasattr(m, "trpts_index")
+    assert all(p.requires_grad for p in model.parameters())
+    assert trpts.get_mask_handle(model) is None
+
+
+def test_bad_storage_and_unsupported_module_leave_model_untouched():
+    model = make_timm_vit()
+    selection = _selection(model)
+    with pytest.raises(ValueError, match="storage must be 'hooks' or 'sparse'"):
+        trpts.apply_masks(model, selection, storage="dense")
+    conv = model.patch_embed.proj
+    conv.padding = (1, 1)  # no longer a non-overlapping patch embedding
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(TypeError, match="storage='hooks'"):
+        trpts.apply_masks(model, selection, storage="sparse")
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert "forward" not in vars(conv) and trpts.get_mask_handle(model) is None
+    assert all("forward" not in vars(m) for m in model.modules())
