@@ -45,10 +45,10 @@ import trpts
 Setup = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor], float, int], tuple[nn.Module, torch.optim.Optimizer, int]]
 
 GRIDS = {  # learning-rate grid per method family
-    "head": [3e-3, 1e-2, 3e-2],
-    "full": [3e-4, 1e-3, 3e-3],
-    "lora": [1e-3, 3e-3, 1e-2],
-    "sparse": [1e-2, 3e-2, 1e-1],
+    "head": [3e-3, 1e-2, 3e-2, 1e-1],
+    "full": [3e-4, 1e-3, 3e-3, 1e-2],
+    "lora": [1e-3, 3e-3, 1e-2, 3e-2],
+    "sparse": [1e-2, 3e-2, 1e-1, 3e-1],
 }
 
 

@@ -17,7 +17,8 @@ pass does not count towards a worker's peak memory.
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on a GPU (weights,
 gradients, optimizer state, activations); on the CPU (Linux) the peak resident set size of the
 worker from model creation to the end, minus its size after imports (the same plus allocator
-slack), with the peak reset through ``/proc/self/clear_refs``.
+slack), with the peak reset through ``/proc/self/clear_refs``. Sparse storage compiles its
+gradient kernel before that baseline (compiler memory is not training memory).
 
     python benchmarks/training.py [--quick] [--models vit_small_patch16_224 ...] [--batches 8 32]
 """
@@ -73,6 +74,11 @@ def _build(model_name: str, img: int, num_classes: int) -> torch.nn.Module:
 def worker(args: argparse.Namespace) -> None:
     """One method, one process: print a JSON line with step times and peak memory."""
     device = torch.device(args.device)
+    if "sparse" in args.method:  # compile the sparse-gradient kernel first: not training memory
+        from trpts.sparse import sparse_weight_grad
+
+        sparse_weight_grad(torch.randn(7, 5, device=device), torch.randn(7, 3, device=device),
+                           torch.tensor([[0, 2], [1, 3], [2, 4]], device=device))
     base_rss = _reset_peak_rss() if device.type == "cpu" else 0.0
     torch.manual_seed(0)
     model = _build(args.model, args.img, args.num_classes).to(device)

@@ -18,7 +18,6 @@ docs/reproduce.md. A harness to reproduce the paper's Table 3, not a claim of it
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,12 +41,7 @@ def read_json(path: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", nargs="+", required=True, choices=[*DATASETS, "all"])
-    parser.add_argument("--split", choices=["val", "test"], default="test")
-    protocol.add_arguments(parser, lr=1e-3, batch_size=32)
-    args = parser.parse_args(argv)
-    names = list(DATASETS) if "all" in args.dataset else args.dataset
+    args, names = protocol.parse(__doc__, list(DATASETS), ["val", "test"], argv, lr=1e-3, batch_size=32)
     results = []
     for name in names:
         classes, image_dir = DATASETS[name]

@@ -76,6 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def parse(doc: str, datasets: Sequence[str], splits: Sequence[str], argv: list[str] | None, *, lr: float,
+          batch_size: int) -> tuple[argparse.Namespace, list[str]]:
+    """Command line of a harness: ``--dataset`` (names or ``all``), ``--split`` and the shared
+    options; returns the arguments and the dataset names to run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", nargs="+", required=True, choices=[*datasets, "all"])
+    parser.add_argument("--split", choices=list(splits), default="test")
+    add_arguments(parser, lr=lr, batch_size=batch_size)
+    args = parser.parse_args(argv)
+    return args, list(datasets) if "all" in args.dataset else args.dataset
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model with a new ``num_classes`` head; never downloads with ``--weights``."""
     kwargs = dict(num_classes=num_classes, img_size=args.img_size, **args.model_kwargs)

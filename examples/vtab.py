@@ -16,7 +16,6 @@ claim of its numbers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -55,12 +54,7 @@ def read_list(path: Path, num_classes: int) -> list[tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", nargs="+", required=True, choices=[*DATASETS, "all"])
-    parser.add_argument("--split", choices=list(SPLITS), default="test")
-    protocol.add_arguments(parser, lr=1e-3, batch_size=32)
-    args = parser.parse_args(argv)
-    names = list(DATASETS) if "all" in args.dataset else args.dataset
+    args, names = protocol.parse(__doc__, list(DATASETS), list(SPLITS), argv, lr=1e-3, batch_size=32)
     results = []
     for name in names:
         classes, _ = DATASETS[name]

@@ -96,15 +96,19 @@ class MaskHandle:
         """Remove the hooks and restore every ``requires_grad`` flag. Idempotent."""
         if not self._active:
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self._detach()
         for p, flag in self._flags:
             p.requires_grad_(flag)
         model = self._model_ref()
         if model is not None and _ACTIVE.get(model) is self:
             del _ACTIVE[model]
         self._active = False
+
+    def _detach(self) -> None:
+        """Undo what this storage added to the model (here: the gradient hooks)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     @property
     def active(self) -> bool:
@@ -163,8 +167,12 @@ class MaskHandle:
         parameters (biases) get none, as in timm and Hugging Face. ``options`` (e.g. ``lr``)
         are copied into every group. Empty groups are left out.
         """
+        return self._groups(("masked", list(self.masked.values()), 0.0), weight_decay, options)
+
+    def _groups(self, first: tuple[str, list[nn.Parameter], float], weight_decay: float,
+                options: dict[str, Any]) -> list[dict[str, Any]]:
         groups = [
-            ("masked", list(self.masked.values()), 0.0),
+            first,
             ("decay", [p for p in self.full.values() if p.ndim >= 2], float(weight_decay)),
             ("no_decay", [p for p in self.full.values() if p.ndim < 2], 0.0),
         ]
@@ -214,6 +222,7 @@ class SparseMaskHandle(MaskHandle):
         super().__init__(model, selection, masked, frozen, full, base_values)
         self._owners = owners
         self._storages: dict[str, SparseStorage] = {}
+        self._merge = True
         self.values: dict[str, nn.Parameter] = {}
 
     def _install(self) -> None:
@@ -230,28 +239,21 @@ class SparseMaskHandle(MaskHandle):
             for p in model.parameters():
                 p.requires_grad_(id(p) in trainable)
         except BaseException:
-            self._remove(merge=False)
+            self._merge = False  # nothing was trained: restore the weights untouched
+            self.remove()
             raise
         _ACTIVE[model] = self
 
     def remove(self) -> None:
         """Write the trained values into the weights, remove the compact parameters and
         restore the modules and every ``requires_grad`` flag. Idempotent."""
-        self._remove(merge=True)
+        super().remove()
 
-    def _remove(self, merge: bool) -> None:
-        if not self._active:
-            return
+    def _detach(self) -> None:
         for storage in self._storages.values():
-            storage.remove(merge=merge)
+            storage.remove(merge=self._merge)
         self._storages.clear()
         self.values = {}
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
-        model = self._model_ref()
-        if model is not None and _ACTIVE.get(model) is self:
-            del _ACTIVE[model]
-        self._active = False
 
     def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         return  # frozen weights have no .grad: nothing an optimizer can decay
@@ -273,13 +275,8 @@ class SparseMaskHandle(MaskHandle):
         ``selected_weight_decay`` decays the selected entries themselves (towards 0, as
         decoupled decay does for any weight); default 0, which matches the hook mode.
         """
-        groups = [
-            ("selected", list(self.values.values()), float(selected_weight_decay)),
-            ("decay", [p for p in self.full.values() if p.ndim >= 2], float(weight_decay)),
-            ("no_decay", [p for p in self.full.values() if p.ndim < 2], 0.0),
-        ]
-        return [{"params": ps, "weight_decay": wd, "trpts_group": g, **options}
-                for g, ps, wd in groups if ps]
+        return self._groups(("selected", list(self.values.values()), float(selected_weight_decay)),
+                            weight_decay, options)
 
     @property
     def num_selected(self) -> int:
