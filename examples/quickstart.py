@@ -34,7 +34,7 @@ import digits_task as task
 import trpts
 
 # Learning rates picked on the validation split by benchmarks/accuracy.py (docs/benchmarks.md).
-LR = {"linear probe": 1e-2, "full fine-tuning": 1e-3, "TR-PTS": 3e-2}
+LR = {"linear probe": 1e-1, "full fine-tuning": 3e-3, "TR-PTS": 1e-1}
 
 
 def file_size(path: Path) -> str:
