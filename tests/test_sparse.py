@@ -264,3 +264,29 @@ def test_bad_storage_and_unsupported_module_leave_model_untouched():
     assert [p.requires_grad for p in model.parameters()] == flags
     assert "forward" not in vars(conv) and trpts.get_mask_handle(model) is None
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_autocast_saves_activations_in_low_precision_like_hook_mode():
+    """Under autocast PyTorch's linear saves the bf16 copy of its input; sparse storage must too
+    (saving the float32 input would double the activation memory of every masked linear)."""
+
+    def saved_float32(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        found = []
+
+        def pack(t):
+            if t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in params:
+                found.append(tuple(t.shape))
+            return t
+
+        x, y = make_batches(1, 4)[0]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            F.cross_entropy(model(x), y).backward()
+        return sorted(found)
+
+    hooks_model = make_timm_vit()
+    selection = _selection(hooks_model)
+    sparse_model = copy.deepcopy(hooks_model)
+    trpts.apply_masks(hooks_model, selection)
+    trpts.apply_masks(sparse_model, selection, storage="sparse")
+    assert saved_float32(sparse_model) == saved_float32(hooks_model)

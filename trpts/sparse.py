@@ -114,6 +114,19 @@ def sparse_weight_grad(x: Tensor, grad_out: Tensor, index: Tensor) -> Tensor:
     return _eager_gather_dot(xt, gt, index)
 
 
+def _for_backward(x: Tensor) -> Tensor:
+    """The input as autocast hands it to the matmul (bf16/fp16 under autocast, else as is):
+    what PyTorch's own linear saves, so AMP keeps its activation-memory saving."""
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if enabled else None
+    except (TypeError, AttributeError):  # torch < 2.4
+        enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+        dtype = (torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()) if enabled else None
+    return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+
 def _effective(weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
     """``W`` with the selected entries replaced by ``values`` (a new tensor, W's shape)."""
     rows = index.shape[0]
@@ -124,7 +137,8 @@ def _effective(weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, values, index)
+        ctx.save_for_backward(_for_backward(x), weight, values, index)
+        ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return F.linear(x, _effective(weight, values, index), bias)
 
@@ -134,7 +148,7 @@ class _SparseLinear(torch.autograd.Function):
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             w = _effective(weight, values, index)
-            grad_x = grad_out.matmul(w.to(grad_out.dtype)).to(x.dtype)
+            grad_x = grad_out.matmul(w.to(grad_out.dtype)).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
@@ -148,7 +162,8 @@ class _SparsePatchConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, values, index)
+        ctx.save_for_backward(_for_backward(x), weight, values, index)
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         stride = weight.shape[-2:]
         return F.conv2d(x, _effective(weight, values, index), bias, stride=stride)
@@ -160,7 +175,7 @@ class _SparsePatchConv(torch.autograd.Function):
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             w = _effective(weight, values, index).to(grad_out.dtype)
-            grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad_out, stride=(kh, kw)).to(x.dtype)
+            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad_out, stride=(kh, kw)).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
