@@ -74,30 +74,28 @@ def position_label(ox: Tensor) -> Tensor:
     return torch.clamp(ox * NUM_POSITIONS // (CANVAS - DIGIT + 1), max=NUM_POSITIONS - 1)
 
 
-def position_task(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
-    """Target task splits ``{"train", "val", "test"}`` -> (images, position labels).
-
-    Every digit image appears once, at a random place; the split is a seeded permutation.
-    """
-    digits, _ = digit_images()
+def _placed_splits(seed: int, by_position: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    digits, identity = digit_images()
     g = torch.Generator().manual_seed(1000 + seed)
     x, ox = place(digits, g)
-    y = position_label(ox)
+    y = position_label(ox) if by_position else identity
     order = torch.randperm(len(y), generator=g)
     a, b = SPLIT[0], SPLIT[0] + SPLIT[1]
     parts = {"train": order[:a], "val": order[a:b], "test": order[b:]}
     return {k: (x[i], y[i]) for k, i in parts.items()}
 
 
+def position_task(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+    """Target task splits ``{"train", "val", "test"}`` -> (images, position labels).
+
+    Every digit image appears once, at a random place; the split is a seeded permutation.
+    """
+    return _placed_splits(seed, by_position=True)
+
+
 def identity_task(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
     """The same images and splits as :func:`position_task`, labelled by digit identity."""
-    digits, labels = digit_images()
-    g = torch.Generator().manual_seed(1000 + seed)
-    x, _ = place(digits, g)
-    order = torch.randperm(len(labels), generator=g)
-    a, b = SPLIT[0], SPLIT[0] + SPLIT[1]
-    parts = {"train": order[:a], "val": order[a:b], "test": order[b:]}
-    return {k: (x[i], labels[i]) for k, i in parts.items()}
+    return _placed_splits(seed, by_position=False)
 
 
 def make_model(num_classes: int) -> nn.Module:

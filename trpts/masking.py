@@ -76,21 +76,25 @@ class MaskHandle:
     def _install(self) -> None:
         model = self._model_ref()
         assert model is not None
-        trainable = {id(p) for p in (*self.masked.values(), *self.full.values())}
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
         self._active = True
         try:
-            for name, p in self.masked.items():
-                self._hooks.append(p.register_hook(self._make_hook(name)))
-            step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))
-            self._hooks.append(step_hook)
-            weakref.finalize(self, step_hook.remove)  # unregister if dropped without remove()
+            self._attach()
+            trainable = {id(p) for p in self.parameters()}
             for p in model.parameters():
                 p.requires_grad_(id(p) in trainable)
         except BaseException:
             self.remove()
             raise
         _ACTIVE[model] = self
+
+    def _attach(self) -> None:
+        """Add this storage to the model (here: gradient hooks and the weight-decay check)."""
+        for name, p in self.masked.items():
+            self._hooks.append(p.register_hook(self._make_hook(name)))
+        step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))
+        self._hooks.append(step_hook)
+        weakref.finalize(self, step_hook.remove)  # unregister if dropped without remove()
 
     def remove(self) -> None:
         """Remove the hooks and restore every ``requires_grad`` flag. Idempotent."""
@@ -222,27 +226,16 @@ class SparseMaskHandle(MaskHandle):
         super().__init__(model, selection, masked, frozen, full, base_values)
         self._owners = owners
         self._storages: dict[str, SparseStorage] = {}
-        self._merge = True
+        self._merge = False
         self.values: dict[str, nn.Parameter] = {}
 
-    def _install(self) -> None:
-        model = self._model_ref()
-        assert model is not None
-        self._flags = [(p, p.requires_grad) for p in model.parameters()]
-        self._active = True
-        try:
-            for name, module in self._owners.items():
-                storage = SparseStorage(module, self.selection.indices(name), self.base_values[name])
-                self.values[name] = storage.install()
-                self._storages[name] = storage
-            trainable = {id(p) for p in (*self.values.values(), *self.full.values())}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in trainable)
-        except BaseException:
-            self._merge = False  # nothing was trained: restore the weights untouched
-            self.remove()
-            raise
-        _ACTIVE[model] = self
+    def _attach(self) -> None:
+        self._merge = False  # a failed install restores the weights untouched
+        for name, module in self._owners.items():
+            storage = SparseStorage(module, self.selection.indices(name), self.base_values[name])
+            self.values[name] = storage.install()
+            self._storages[name] = storage
+        self._merge = True
 
     def remove(self) -> None:
         """Write the trained values into the weights, remove the compact parameters and
@@ -254,9 +247,6 @@ class SparseMaskHandle(MaskHandle):
             storage.remove(merge=self._merge)
         self._storages.clear()
         self.values = {}
-
-    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        return  # frozen weights have no .grad: nothing an optimizer can decay
 
     def selected_values(self, name: str) -> Tensor:
         if self._active and name in self.values:
