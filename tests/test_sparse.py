@@ -43,7 +43,7 @@ def _logits(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+@pytest.mark.parametrize("kernel", ["eager", "compiled", "native"])
 @given(tokens=st.integers(1, 40), rows=st.integers(1, 12), fan_in=st.integers(1, 20), seed=st.integers(0, 99),
        data=st.data())
 def test_sparse_weight_grad_equals_dense_gradient_at_selected_entries(kernel, tokens, rows, fan_in, seed, data):
@@ -71,8 +71,84 @@ def test_row_blocks_give_the_same_result(monkeypatch):
     sp.set_sparse_kernel("auto")
 
 
+@given(tokens=st.integers(0, 200), rows=st.integers(1, 40), fan_in=st.integers(1, 70), threads=st.integers(1, 3),
+       seed=st.integers(0, 99), data=st.data())
+def test_native_kernel_tiles_threads_and_strides(tokens, rows, fan_in, threads, seed, data):
+    """Token counts around the 64-token tile, 1-3 threads, strided rows: always the dense result."""
+    from trpts._native import native_sddmm
+
+    conns = data.draw(st.integers(0, fan_in))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, fan_in + 3, generator=g)[:, 3:]  # row stride != fan_in
+    dy = torch.randn(tokens, rows, generator=g)
+    index = torch.stack([torch.randperm(fan_in, generator=g)[:conns] for _ in range(rows)])
+    dense = (dy.double().t() @ x.double()).gather(1, index)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native_sddmm(x, dy, index)
+        again = native_sddmm(x, dy, index)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.float32 and got.shape == (rows, conns)
+    assert torch.equal(got, again)  # deterministic for a given thread count
+    torch.testing.assert_close(got.double(), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_rejects_out_of_range_index():
+    from trpts._native import native_sddmm
+
+    with pytest.raises(trpts.TrptsError, match=r"outside \[0, 4\)"):
+        native_sddmm(torch.randn(3, 4), torch.randn(3, 2), torch.tensor([[0, 4], [1, 2]]))
+
+
+def test_auto_falls_back_with_a_warning_when_no_compiler(monkeypatch, tmp_path):
+    """No C compiler: 'native' raises a clear error, 'auto' warns once and still computes."""
+    import trpts._native as nat
+
+    monkeypatch.setattr(nat, "_lib", None)
+    monkeypatch.setattr(nat, "_error", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("TRPTS_CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(sp, "_broken", set())
+    x, dy, index = torch.randn(9, 6), torch.randn(9, 4), torch.tensor([[0, 1], [2, 3], [4, 5], [1, 3]])
+    dense = (dy.t() @ x).gather(1, index)
+    sp.set_sparse_kernel("native")
+    try:
+        with pytest.raises(nat.NativeKernelUnavailable, match="no-such-cc"):
+            sparse_weight_grad(x, dy, index)
+        sp.set_sparse_kernel("auto")
+        with pytest.warns(trpts.TrptsWarning, match="native sparse-gradient kernel is unavailable"):
+            got = sparse_weight_grad(x, dy, index)
+        torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+        assert "native" in sp._broken
+    finally:
+        sp.set_sparse_kernel("auto")
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_native_kernel_is_cached_per_source(monkeypatch, tmp_path):
+    """Built once into the cache directory (atomically), then reused without compiling."""
+    import trpts._native as nat
+
+    monkeypatch.setattr(nat, "_lib", None)
+    monkeypatch.setattr(nat, "_error", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    nat._load()
+    built = sorted(p.name for p in (tmp_path / "trpts" / "kernels").iterdir())
+    assert len([n for n in built if n.endswith(".so")]) == 1 and not [n for n in built if n.endswith(".tmp")]
+    monkeypatch.setattr(nat, "_lib", None)
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(nat.subprocess, "run", no_compiling)
+    nat._load()
+    assert sorted(p.name for p in (tmp_path / "trpts" / "kernels").iterdir()) == built
+
+
 def test_bad_kernel_name():
-    with pytest.raises(ValueError, match="'auto', 'compiled' or 'eager'"):
+    with pytest.raises(ValueError, match="'auto', 'native', 'compiled' or 'eager'"):
         sp.set_sparse_kernel("triton")
 
 
