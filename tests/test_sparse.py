@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
+from conftest import IMG, MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -342,27 +342,54 @@ def test_bad_storage_and_unsupported_module_leave_model_untouched():
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-def test_autocast_saves_activations_in_low_precision_like_hook_mode():
-    """Under autocast PyTorch's linear saves the bf16 copy of its input; sparse storage must too
-    (saving the float32 input would double the activation memory of every masked linear)."""
+def _saved_storages(model, autocast=False):
+    """Storages autograd saves for one training step (parameters and buffers excluded):
+    ``{data_ptr: (nbytes, dtype, shape)}``, each storage once however often it is saved."""
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    found = {}
 
-    def saved_float32(model):
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        found = []
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            found[ptr] = (t.untyped_storage().nbytes(), t.dtype, tuple(t.shape))
+        return t
 
-        def pack(t):
-            if t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in params:
-                found.append(tuple(t.shape))
-            return t
+    x, y = make_batches(1, 4)[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        F.cross_entropy(_logits(model, x), y).backward()
+    return found
 
-        x, y = make_batches(1, 4)[0]
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-            F.cross_entropy(model(x), y).backward()
-        return sorted(found)
 
-    hooks_model = make_timm_vit()
+def _hooks_and_sparse(family="timm"):
+    hooks_model = MODEL_FACTORIES[family]()
     selection = _selection(hooks_model)
     sparse_model = copy.deepcopy(hooks_model)
     trpts.apply_masks(hooks_model, selection)
     trpts.apply_masks(sparse_model, selection, storage="sparse")
-    assert saved_float32(sparse_model) == saved_float32(hooks_model)
+    return hooks_model, sparse_model
+
+
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_inputs_autograd_already_keeps_are_recomputed_not_saved(family):
+    """The inputs of qkv and fc1 (LayerNorm outputs) and of fc2 (GELU output) are rebuilt in
+    backward from what LayerNorm and GELU save anyway: hook mode saves exactly those bytes more."""
+    hooks_model, sparse_model = _hooks_and_sparse(family)
+    hooks, sparse = _saved_storages(hooks_model), _saved_storages(sparse_model)
+    tokens = 4 * ((IMG // 4) ** 2 + 1)  # batch 4, 16 patches + [CLS]
+    dim, hidden, depth = 32, 64, 2
+    per_block = (2 * tokens * dim + tokens * hidden) * 4  # float32 LN outputs (qkv, fc1) + GELU output (fc2)
+    assert sum(b for b, _, _ in hooks.values()) - sum(b for b, _, _ in sparse.values()) == depth * per_block
+
+
+def test_autocast_saves_activations_in_low_precision_like_hook_mode():
+    """Under autocast PyTorch's linear saves the bf16 copy of its input; sparse storage must not
+    keep float32 activations hook mode does not keep (that would double their memory)."""
+    hooks_model, sparse_model = _hooks_and_sparse()
+    hooks = _saved_storages(hooks_model, autocast=True)
+    sparse = _saved_storages(sparse_model, autocast=True)
+
+    def float32(found):
+        return sorted(shape for _, dtype, shape in found.values() if dtype == torch.float32)
+
+    assert float32(sparse) == float32(hooks)
+    assert sum(b for b, _, _ in sparse.values()) < sum(b for b, _, _ in hooks.values())

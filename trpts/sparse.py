@@ -133,17 +133,63 @@ def sparse_weight_grad(x: Tensor, grad_out: Tensor, index: Tensor) -> Tensor:
     return _eager_gather_dot(xt, gt, index)
 
 
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    try:
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    except (TypeError, AttributeError):  # torch < 2.4
+        if device == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def _for_backward(x: Tensor) -> Tensor:
     """The input as autocast hands it to the matmul (bf16/fp16 under autocast, else as is):
     what PyTorch's own linear saves, so AMP keeps its activation-memory saving."""
-    device = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if enabled else None
-    except (TypeError, AttributeError):  # torch < 2.4
-        enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
-        dtype = (torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()) if enabled else None
+    dtype = _autocast_dtype(x.device.type)
     return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+
+def _pack_input(x: Tensor) -> tuple[tuple[Tensor | None, ...], tuple[Any, ...] | None]:
+    """What to save so that backward has the layer's input ``x`` for the sparse gradient.
+
+    When autograd already keeps what ``x`` was computed from (``x = GELU(h)``, whose backward
+    saves ``h``: the input of ``fc2``; ``x = LayerNorm(h)``, whose backward saves ``h``, mean
+    and 1/std: the input of ``qkv`` and ``fc1``), those tensors are referenced instead and
+    ``x`` is recomputed in backward (one element-wise pass), so the layer adds no activation
+    memory, like a frozen layer. Otherwise ``x`` itself is saved (in the autocast dtype).
+    Returns ``(tensors, recipe)``; ``recipe`` is ``None`` when ``x`` is saved as is.
+    """
+    fn = None if torch.compiler.is_compiling() else x.grad_fn
+    kind = type(fn).__name__ if fn is not None else ""
+    dtype = _autocast_dtype(x.device.type) if x.is_floating_point() else None
+    try:
+        if kind == "GeluBackward0":
+            return (fn._saved_self,), ("gelu", fn._saved_approximate, dtype, x.dtype)
+        if kind == "NativeLayerNormBackward0" and tuple(fn._saved_normalized_shape) == tuple(x.shape[-1:]):
+            return ((fn._saved_input, fn._saved_result1, fn._saved_result2, fn._saved_weight, fn._saved_bias),
+                    ("layer_norm", None, dtype, x.dtype))
+    except RuntimeError:  # saved tensors already freed or never saved: keep x itself
+        pass
+    return (_for_backward(x),), None
+
+
+def _unpack_input(saved: tuple[Tensor | None, ...], recipe: tuple[Any, ...] | None) -> Tensor:
+    """Inverse of :func:`_pack_input` (the input, in the dtype the matmul saw)."""
+    if recipe is None:
+        return saved[0]  # type: ignore[return-value]
+    kind, approximate, dtype, x_dtype = recipe
+    with torch.no_grad():
+        if kind == "gelu":
+            x = F.gelu(saved[0], approximate=approximate)
+        else:
+            h, mean, rstd, weight, bias = saved
+            x = (h - mean) * rstd
+            if weight is not None:
+                x = x * weight
+            if bias is not None:
+                x = x + bias
+    x = x.to(x_dtype)
+    return x.to(dtype) if dtype is not None else x
 
 
 def _effective(weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
@@ -156,14 +202,15 @@ def _effective(weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(_for_backward(x), weight, values, index)
+        saved, ctx.recipe = _pack_input(x) if values.requires_grad else ((None,), None)
+        ctx.save_for_backward(weight, values, index, *saved)
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return F.linear(x, _effective(weight, values, index), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, values, index = ctx.saved_tensors
+        weight, values, index, *saved = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             w = _effective(weight, values, index)
@@ -171,6 +218,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
+            x = _unpack_input(tuple(saved), ctx.recipe)
             g = sparse_weight_grad(x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1]), index)
             grad_values = g.view(-1).to(values.dtype)
         return grad_x, None, grad_bias, grad_values, None
