@@ -76,6 +76,14 @@ def test_accuracy_benchmark_quick(tmp_path):
     assert "test acc" in out
 
 
+def test_sparse_kernel_benchmark_quick(tmp_path):
+    _run("benchmarks/sparse_kernel.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["kernel"] for r in rows[:3]] == ["dense dW GEMM", "native", "eager"]
+    assert len(rows) == 2 * 2 * 3 and all(r["vs dense GEMM"].endswith("x") for r in rows)
+    assert all(float(r["max abs error"]) < 1e-4 for r in rows if r["kernel"] != "dense dW GEMM")
+
+
 def test_training_benchmark_quick(tmp_path):
     _run("benchmarks/training.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]

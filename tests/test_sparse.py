@@ -165,9 +165,11 @@ def test_same_trajectory_as_hook_mode(family, opt):
     batches = make_batches(4, 4, seed=5)
     _train(hooks_model, h1, batches, opt)
     _train(sparse_model, h2, batches, opt)
-    # Frozen weights are never written while the storage is installed.
+    # Only the selected entries of a weight are ever written (with the values, at each forward).
     for name in h2.masked:
-        assert torch.equal(sparse_model.get_parameter(name), pretrained[name]), name
+        frozen = ~selection[name]
+        w = sparse_model.get_parameter(name).detach()
+        assert torch.equal(w[frozen], pretrained[name][frozen]), name
         # Only the summation order of the selected entries' gradients differs (dense GEMM vs
         # gathered row sums): float32 rounding, amplified a little by Adam's normalization.
         torch.testing.assert_close(h2.selected_values(name), h1.selected_values(name), rtol=1e-4, atol=1e-5)
@@ -278,7 +280,8 @@ def test_bf16_autocast_gradients_close_to_hook_mode_and_frozen_exact():
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * float(expected.abs().max()))
     _train(sparse_model, h2, make_batches(2, 4, seed=6), autocast=True)
     for name in h2.masked:
-        assert torch.equal(sparse_model.get_parameter(name), pretrained[name])
+        frozen = ~selection[name]
+        assert torch.equal(sparse_model.get_parameter(name).detach()[frozen], pretrained[name][frozen])
 
 
 def test_torch_compile_matches_eager():
@@ -343,20 +346,36 @@ def test_bad_storage_and_unsupported_module_leave_model_untouched():
 
 
 def _saved_storages(model, autocast=False):
-    """Storages autograd saves for one training step (parameters and buffers excluded):
-    ``{data_ptr: (nbytes, dtype, shape)}``, each storage once however often it is saved."""
+    """Storages autograd keeps for backward after one forward (parameters and buffers
+    excluded): ``{data_ptr: (nbytes, dtype, shape)}``, each storage once however often it is
+    saved. Read from the graph (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom
+    functions), not through saved-tensor hooks, under which sparse storage saves its inputs."""
     params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     found = {}
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            found[ptr] = (t.untyped_storage().nbytes(), t.dtype, tuple(t.shape))
-        return t
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            found[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype, tuple(t.shape))
+        elif isinstance(t, (tuple, list)):
+            for item in t:
+                add(item)
 
     x, y = make_batches(1, 4)[0]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        F.cross_entropy(_logits(model, x), y).backward()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        loss = F.cross_entropy(_logits(model, x), y)
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "saved_tensors") and not hasattr(node, "variable"):  # custom Function
+            add(node.saved_tensors)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                add(getattr(node, attr))
+        stack.extend(fn for fn, _ in node.next_functions)
+    loss.backward()
     return found
 
 
@@ -393,3 +412,69 @@ def test_autocast_saves_activations_in_low_precision_like_hook_mode():
 
     assert float32(sparse) == float32(hooks)
     assert sum(b for b, _, _ in sparse.values()) < sum(b for b, _, _ in hooks.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """timm's activation checkpointing (saved-tensor hooks / re-entrant recomputation) with
+    sparse storage: the inputs are then saved through the checkpoint, never looked up through
+    grad_fn, and the gradients equal those of the plain run."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    plain = make_timm_vit()
+    selection = _selection(plain)
+    ckpt = copy.deepcopy(plain)
+    h1 = trpts.apply_masks(plain, selection, storage="sparse")
+    h2 = trpts.apply_masks(ckpt, selection, storage="sparse")
+    ckpt.set_grad_checkpointing(True)
+    x, y = make_batches(1, 4)[0]
+    x.requires_grad_(reentrant)  # re-entrant checkpointing needs an input that requires grad
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(reentrant)
+    try:
+        for model in (plain, ckpt):
+            model.train()
+            F.cross_entropy(model(x), y).backward()
+    finally:
+        set_reentrant_ckpt(before)
+    for a, b in zip(h1.parameters(), h2.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_weight_sync_semantics():
+    """Values are written into W's selected entries at each forward: two forwards before one
+    backward are fine, a backward after the values changed is refused (as for any parameter),
+    inference mode works, and only selected entries ever change."""
+    model = make_timm_vit()
+    selection = _selection(model)
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = trpts.apply_masks(model, selection, storage="sparse")
+    x, y = make_batches(1, 4)[0]
+    loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(x.flip(-1)), y)
+    loss.backward()  # two graphs over the same weights, one backward
+    assert all(v.grad is not None for v in handle.values.values())
+    optimizer = torch.optim.SGD(handle.parameters(), lr=0.5)
+    optimizer.step()
+    state = model.state_dict()  # before the next forward: shows the new values
+    for name, v in handle.values.items():
+        info = selection.matrices[name]
+        got = state[name].reshape(info.rows, -1).gather(1, selection.indices(name))
+        assert torch.equal(got, v.detach().view(info.rows, -1)), name
+    stale = F.cross_entropy(model(x), y)
+    optimizer.step()  # values change between this forward and its backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+    with torch.inference_mode():
+        out = model(x)
+    assert out.shape == (4, 5)
+    for name in handle.masked:
+        frozen = ~selection[name]
+        assert torch.equal(model.get_parameter(name).detach()[frozen], pretrained[name][frozen]), name
+    final = {name: v.detach().clone() for name, v in handle.values.items()}
+    handle.remove()
+    assert final
+    for name, v in final.items():
+        info = selection.matrices[name]
+        w = model.get_parameter(name).detach().reshape(info.rows, -1)
+        assert torch.equal(w.gather(1, selection.indices(name)), v.view(info.rows, -1)), name

@@ -4,16 +4,17 @@
 (``requires_grad=False``: no ``.grad``, no optimizer state) and gives its module a trainable
 1-D parameter ``trpts_values`` of length k (the selected count, row-major order of
 :meth:`Selection.flat_indices`) plus a non-persistent index buffer. The module's forward uses
-the effective weight ``W`` with the selected entries replaced by ``trpts_values`` (built
-out of place, one matrix at a time), through an autograd function whose backward computes
+the effective weight, ``W`` with the selected entries replaced by ``trpts_values`` (written
+into those k entries of ``W`` in place at each forward; built out of place under
+``torch.compile`` tracing), through an autograd function whose backward computes
 
 - the input gradient as usual (``dY @ W_eff``), and
 - the gradient of the selected entries only: for entry (i, j), ``sum_t dY[t, i] * X[t, j]``
   (no dense ``dW``, no nnz x nnz intermediate), by the kernel :func:`set_sparse_kernel`
   chooses: a C kernel on the CPU (``_native.py``), a ``torch.compile``d one on CUDA.
 
-``W`` itself is never written while the storage is installed, so frozen entries stay
-bit-identical by construction. ``state_dict()`` shows the plain model (the effective weight,
+Only the selected entries of ``W`` are ever written, so frozen entries stay bit-identical by
+construction. ``state_dict()`` shows the plain model (the effective weight,
 no ``trpts_values`` key) and ``load_state_dict`` of a plain checkpoint refreshes the values;
 :meth:`SparseStorage.remove` writes the values into ``W`` and restores the module.
 """
@@ -149,6 +150,18 @@ def _for_backward(x: Tensor) -> Tensor:
     return x.to(dtype) if dtype is not None and x.is_floating_point() else x
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed (activation checkpointing, ``save_on_cpu``):
+    then another node's saved tensors must not be looked up (it would unpack or recompute)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # cannot tell on this torch: assume they are
+        return True
+    try:
+        return top(False) is not None
+    except TypeError:
+        return top() is not None
+
+
 def _pack_input(x: Tensor) -> tuple[tuple[Tensor | None, ...], tuple[Any, ...] | None]:
     """What to save so that backward has the layer's input ``x`` for the sparse gradient.
 
@@ -156,10 +169,11 @@ def _pack_input(x: Tensor) -> tuple[tuple[Tensor | None, ...], tuple[Any, ...] |
     saves ``h``: the input of ``fc2``; ``x = LayerNorm(h)``, whose backward saves ``h``, mean
     and 1/std: the input of ``qkv`` and ``fc1``), those tensors are referenced instead and
     ``x`` is recomputed in backward (one element-wise pass), so the layer adds no activation
-    memory, like a frozen layer. Otherwise ``x`` itself is saved (in the autocast dtype).
+    memory, like a frozen layer. Otherwise (also under saved-tensor hooks, such as activation
+    checkpointing) ``x`` itself is saved (in the autocast dtype).
     Returns ``(tensors, recipe)``; ``recipe`` is ``None`` when ``x`` is saved as is.
     """
-    fn = None if torch.compiler.is_compiling() else x.grad_fn
+    fn = None if torch.compiler.is_compiling() or _saved_tensor_hooks_active() else x.grad_fn
     kind = type(fn).__name__ if fn is not None else ""
     dtype = _autocast_dtype(x.device.type) if x.is_floating_point() else None
     try:
@@ -199,21 +213,45 @@ def _effective(weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
     return flat.view(weight.shape)
 
 
+def _write(weight: Tensor, values: Tensor, index: Tensor) -> None:
+    """Write ``values`` into the selected entries of ``W`` in place (O(k); frozen entries untouched)."""
+    with torch.no_grad():
+        weight.view(index.shape[0], -1).scatter_(1, index, values.detach().view(index.shape[0], -1).to(weight.dtype))
+
+
+def _weight_for(ctx: Any, weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
+    """The effective weight for this call. Eagerly, the selected entries of ``W`` itself are
+    updated in place (no copy of the matrix); ``W`` is then kept on ``ctx`` outside
+    ``save_for_backward`` (its version moves at every sync) while ``values`` is saved, so
+    autograd still refuses a backward after the values were changed. Under tracing
+    (``torch.compile``) it is built out of place."""
+    ctx.in_place = not torch.compiler.is_compiling()
+    ctx.weight = weight
+    if ctx.in_place:
+        _write(weight, values, index)
+        return weight
+    return _effective(weight, values, index)
+
+
+def _weight_back(ctx: Any, values: Tensor, index: Tensor) -> Tensor:
+    return ctx.weight if ctx.in_place else _effective(ctx.weight, values, index)
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, index: Tensor) -> Tensor:
         saved, ctx.recipe = _pack_input(x) if values.requires_grad else ((None,), None)
-        ctx.save_for_backward(weight, values, index, *saved)
+        ctx.save_for_backward(values, index, *saved)
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return F.linear(x, _effective(weight, values, index), bias)
+        return F.linear(x, _weight_for(ctx, weight, values, index), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        weight, values, index, *saved = ctx.saved_tensors
+        values, index, *saved = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            w = _effective(weight, values, index)
+            w = _weight_back(ctx, values, index)
             grad_x = grad_out.matmul(w.to(grad_out.dtype)).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -229,19 +267,19 @@ class _SparsePatchConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(_for_backward(x), weight, values, index)
+        ctx.save_for_backward(_for_backward(x), values, index)
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         stride = weight.shape[-2:]
-        return F.conv2d(x, _effective(weight, values, index), bias, stride=stride)
+        return F.conv2d(x, _weight_for(ctx, weight, values, index), bias, stride=stride)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, values, index = ctx.saved_tensors
-        kh, kw = weight.shape[-2:]
+        x, values, index = ctx.saved_tensors
+        kh, kw = ctx.weight.shape[-2:]
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            w = _effective(weight, values, index).to(grad_out.dtype)
+            w = _weight_back(ctx, values, index).to(grad_out.dtype)
             grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad_out, stride=(kh, kw)).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype)
@@ -292,6 +330,8 @@ class SparseStorage:
         weight = module.weight
         if hasattr(module, VALUES) or "forward" in vars(module):
             raise TrptsValueError(f"{type(module).__name__} already has a patched forward or {VALUES!r}")
+        rows = self._index.shape[0]
+        self._original = weight.detach().reshape(rows, -1).gather(1, self._index.to(weight.device)).clone()
         values = nn.Parameter(self._values.to(weight.device, weight.dtype).clone(), requires_grad=True)
         module.register_parameter(VALUES, values)
         module.register_buffer(INDEX, self._index.to(weight.device), persistent=False)
@@ -306,13 +346,13 @@ class SparseStorage:
         return _effective(m.weight.detach(), getattr(m, VALUES).detach(), getattr(m, INDEX))
 
     def remove(self, merge: bool = True) -> None:
-        """Write the values into ``W`` (``merge``) and restore the module exactly."""
+        """Write the values into ``W`` (``merge``; else the entries ``W`` had at install) and
+        restore the module exactly."""
         m = self.module
         if not hasattr(m, VALUES):
             return
-        if merge:
-            with torch.no_grad():
-                m.weight.copy_(self.effective_weight())
+        index = getattr(m, INDEX)
+        _write(m.weight, getattr(m, VALUES) if merge else self._original, index)
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
