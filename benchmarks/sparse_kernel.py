@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import report
+from common import report, timed
 from tqdm.auto import tqdm
 
 import trpts.sparse as sp
@@ -53,12 +52,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         args.kernels = [k for k in args.kernels if k != "compiled"]
     flush = None if args.hot else torch.empty(64 * 2**20 // 4)  # larger than the last-level cache here
 
-    def timed(fn) -> float:
+    def cold(fn) -> float:
         if flush is not None:
             flush.add_(1.0)
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        return timed(fn)
 
     cases = [(m, layer, fan_in, fan_out, c) for m, layers in shapes.items()
              for layer, (fan_in, fan_out) in layers.items() for c in args.conns if c <= fan_in]
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.repeats):
             for name, fn in calls.items():
-                times[name].append(timed(fn))
+                times[name].append(cold(fn))
         sp.set_sparse_kernel("auto")
         base = statistics.median(times["dense dW GEMM"])
         for name, ts in times.items():

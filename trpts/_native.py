@@ -90,6 +90,8 @@ def _build(source: bytes) -> Path:
 
 def _load() -> ctypes.CDLL:
     global _lib, _error
+    if _lib is not None:  # every backward call: no lock once loaded
+        return _lib
     with _lock:
         if _lib is not None:
             return _lib

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._native import NativeKernelUnavailable, native_sddmm
 from .errors import TrptsTypeError, TrptsValueError, TrptsWarning
 
 __all__ = ["SparseStorage", "check_sparse_module", "set_sparse_kernel", "sparse_weight_grad"]
@@ -114,8 +115,6 @@ def sparse_weight_grad(x: Tensor, grad_out: Tensor, index: Tensor) -> Tensor:
     kind = _kernel
     if (not compiling and x.device.type == "cpu" and kind in ("auto", "native")
             and not (kind == "auto" and "native" in _broken)):
-        from ._native import NativeKernelUnavailable, native_sddmm
-
         try:
             return native_sddmm(x, grad_out, index)
         except NativeKernelUnavailable as err:
@@ -184,7 +183,7 @@ def _pack_input(x: Tensor) -> tuple[tuple[Tensor | None, ...], tuple[Any, ...] |
                     ("layer_norm", None, dtype, x.dtype))
     except RuntimeError:  # saved tensors already freed or never saved: keep x itself
         pass
-    return (_for_backward(x),), None
+    return (x.to(dtype) if dtype is not None else x,), None
 
 
 def _unpack_input(saved: tuple[Tensor | None, ...], recipe: tuple[Any, ...] | None) -> Tensor:
