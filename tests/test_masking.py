@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trpts
 
@@ -206,3 +208,163 @@ def test_dropped_model_and_handle_are_freed():
     opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1)
     p.grad = torch.ones(3)
     opt.step()
+
+
+# ---- param_groups(head_lr=...) ------------------------------------------------------------
+
+def _group_layout(groups):
+    return [(g["trpts_group"], g["weight_decay"], g.get("lr"), [id(p) for p in g["params"]]) for g in groups]
+
+
+def _assert_partition(model, handle, groups):
+    """Every trainable parameter of the model is in exactly one group; no frozen one is."""
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(set(grouped)), "a parameter is in two groups"
+    assert set(grouped) == set(trainable) == {id(p) for p in handle.parameters()}
+    assert all(g["params"] for g in groups), "empty group"
+
+
+def _head_ids(model, handle):
+    names = trpts.models.get_adapter(model).head_parameters(model)
+    return {id(handle.full[n]) for n in names if n in handle.full}
+
+
+@pytest.mark.parametrize("storage", ["hooks", "sparse"])
+def test_head_lr_gives_the_head_its_own_groups(any_model, storage):
+    model = any_model
+    pos = next(n for n, p in model.named_parameters() if "pos" in n and p.ndim >= 2)  # a non-head matrix
+    handle = trpts.apply_masks(model, _select(model), train_biases=True, extra_trainable=[pos], storage=storage)
+    groups = handle.param_groups(weight_decay=0.05, lr=1e-4, head_lr=1e-2, betas=(0.9, 0.99))
+    _assert_partition(model, handle, groups)
+    first = "selected" if storage == "sparse" else "masked"
+    assert [g["trpts_group"] for g in groups] == [first, "decay", "no_decay", "head", "head_no_decay"]
+    assert any(p is handle.full[pos] for p in groups[1]["params"])
+    head = _head_ids(model, handle)
+    for g in groups:
+        in_head = g["trpts_group"].startswith("head")
+        assert all((id(p) in head) == in_head for p in g["params"]), g["trpts_group"]
+        assert g["lr"] == (1e-2 if in_head else 1e-4) and g["betas"] == (0.9, 0.99)
+    by_tag = {g["trpts_group"]: g for g in groups}
+    assert by_tag["head"]["weight_decay"] == 0.05 and by_tag["head_no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in by_tag["head"]["params"])
+    assert all(p.ndim < 2 for p in by_tag["head_no_decay"]["params"])
+    assert {id(p) for p in by_tag["head"]["params"] + by_tag["head_no_decay"]["params"]} == head
+    torch.optim.AdamW(groups)  # a valid optimizer (no parameter twice)
+    handle.remove()
+
+
+@settings(max_examples=6)
+@given(budget=st.sampled_from([0.04, 0.1, 0.3]), head_lr=st.floats(1e-6, 1.0),
+       storage=st.sampled_from(["hooks", "sparse"]), biases=st.booleans(), hf=st.booleans())
+def test_head_lr_groups_partition_the_trainable_parameters(budget, head_lr, storage, biases, hf):
+    model = make_hf_vit() if hf else make_timm_vit()
+    handle = trpts.apply_masks(model, _select(model, budget), train_biases=biases, storage=storage)
+    groups = handle.param_groups(weight_decay=0.1, lr=3e-4, head_lr=head_lr)
+    _assert_partition(model, handle, groups)
+    head = _head_ids(model, handle)
+    for g in groups:
+        in_head = g["trpts_group"] in ("head", "head_no_decay")
+        assert g["lr"] == (head_lr if in_head else 3e-4)
+        assert all((id(p) in head) == in_head for p in g["params"])
+    handle.remove()
+
+
+@pytest.mark.parametrize("storage", ["hooks", "sparse"])
+def test_head_lr_none_keeps_the_previous_groups(storage):
+    model = make_timm_vit()
+    handle = trpts.apply_masks(model, _select(model), train_biases=True, storage=storage)
+    plain = handle.param_groups(weight_decay=0.05, lr=0.1)
+    assert _group_layout(handle.param_groups(weight_decay=0.05, lr=0.1, head_lr=None)) == _group_layout(plain)
+    first = list(handle.values.values()) if storage == "sparse" else list(handle.masked.values())
+    full = list(handle.full.values())
+    expected = [("selected" if storage == "sparse" else "masked", 0.0, 0.1, [id(p) for p in first]),
+                ("decay", 0.05, 0.1, [id(p) for p in full if p.ndim >= 2]),
+                ("no_decay", 0.0, 0.1, [id(p) for p in full if p.ndim < 2])]
+    assert _group_layout(plain) == expected
+    handle.remove()
+
+
+@pytest.mark.parametrize("storage", ["hooks", "sparse"])
+def test_head_lr_errors_change_nothing(storage):
+    model = make_timm_vit()
+    selection = _select(model)
+    handle = trpts.apply_masks(model, selection, storage=storage)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = _group_layout(handle.param_groups(weight_decay=0.05, lr=1e-3))
+    for bad in (0, -1e-3, float("nan"), float("inf"), "1e-2", True, torch.tensor(1e-2)):
+        with pytest.raises(trpts.TrptsValueError, match="head_lr") as info:
+            handle.param_groups(weight_decay=0.05, lr=1e-3, head_lr=bad)
+        assert isinstance(info.value, ValueError)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert _group_layout(handle.param_groups(weight_decay=0.05, lr=1e-3)) == before
+    same = handle.param_groups(lr=1e-3, head_lr=1e-3)  # head_lr equal to lr is fine
+    assert all(g["lr"] == 1e-3 for g in same) and same[-1]["trpts_group"] == "head_no_decay"
+    handle.remove()
+
+    handle = trpts.apply_masks(model, selection, train_head=False, storage=storage)
+    with pytest.raises(trpts.TrptsValueError, match="train_head=True"):
+        handle.param_groups(lr=1e-4, head_lr=1e-2)
+    assert [g["trpts_group"] for g in handle.param_groups(lr=1e-4)] == [handle.param_groups()[0]["trpts_group"]]
+    handle.remove()
+    # the head is derived from the model: trained through extra_trainable, it still counts
+    handle = trpts.apply_masks(model, selection, train_head=False, extra_trainable=["head.weight"],
+                               storage=storage)
+    assert handle.param_groups(lr=1e-4, head_lr=1e-2)[-1]["trpts_group"] == "head"
+    handle.remove()
+
+
+def test_head_lr_on_a_model_without_adapter_says_what_to_do():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fisher = trpts.compute_fisher(model, [(torch.randn(8, 6), torch.randint(0, 2, (8,)))],
+                                  params=["0.weight"], progress=False)
+    handle = trpts.apply_masks(model, trpts.allocate_connections(fisher, c_min=2), train_head=False,
+                               extra_trainable=["2.weight", "2.bias"])
+    with pytest.raises(trpts.TrptsValueError, match="drop head_lr"):
+        handle.param_groups(lr=1e-4, head_lr=1e-2)
+    handle.remove()
+
+
+def _adamw_first_two_steps(family, storage, **group_options):
+    """A real AdamW run: (max |change| of the head, of the selected entries) after step 1,
+    the parameters before, the model and its handle after step 2."""
+    model = MODEL_FACTORIES[family]()
+    selection = _select(model)
+    handle = trpts.apply_masks(model, selection, storage=storage)
+    optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05, **group_options))
+    head = trpts.models.get_adapter(model).head_parameters(model)
+    before = _snapshot(model)
+    selected = {n: handle.selected_values(n) for n in handle.masked}
+    model.train()
+    changes = None
+    for x, y in make_batches(2, 4, seed=3):
+        optimizer.zero_grad()
+        F.cross_entropy(_logits(model(x)), y).backward()
+        optimizer.step()
+        if changes is None:
+            params = dict(model.named_parameters())
+            changes = (max((params[n].detach() - before[n]).abs().max().item() for n in head),
+                       max((handle.selected_values(n) - selected[n]).abs().max().item() for n in selected))
+    return changes, before, model, handle
+
+
+@pytest.mark.parametrize("family", ["timm", "hf"])
+@pytest.mark.parametrize("storage", ["hooks", "sparse"])
+def test_head_lr_adamw_moves_the_head_100x_more_than_the_selected_entries(family, storage):
+    (head_step, entry_step), before, model, handle = _adamw_first_two_steps(
+        family, storage, lr=1e-4, head_lr=1e-2)
+    # Adam's first step moves each entry by ~lr (|g| / (|g| + eps)); decay adds < 1e-3 of it here
+    assert head_step == pytest.approx(1e-2, rel=1e-2)
+    assert entry_step == pytest.approx(1e-4, rel=1e-2)
+    (uniform_head, uniform_entry), *_ = _adamw_first_two_steps(family, storage, lr=1e-4)
+    assert uniform_head == pytest.approx(1e-4, rel=1e-2)
+    assert uniform_entry == pytest.approx(entry_step, rel=1e-4)
+    assert head_step / uniform_head == pytest.approx(100, rel=2e-2)
+    compact = {id(v) for v in getattr(handle, "values", {}).values()}
+    for name, p in model.named_parameters():  # after two steps: only the selection and the head moved
+        if name in handle.masked:
+            keep = handle.selection[name]
+            assert torch.equal(p.detach()[~keep], before[name][~keep]), f"frozen entries of {name} moved"
+        elif name not in handle.full and id(p) not in compact:
+            assert torch.equal(p.detach(), before[name]), f"{name} should be frozen"
+    handle.remove()

@@ -12,6 +12,8 @@ decay a masked weight. :meth:`MaskHandle.param_groups` builds groups that cannot
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -30,7 +32,7 @@ from .errors import (
     TrptsValueError,
     WeightDecayError,
 )
-from .models import get_adapter
+from .models import find_adapter, get_adapter
 from .sparse import SparseStorage, check_sparse_module
 
 __all__ = ["MaskHandle", "SparseMaskHandle", "Storage", "apply_masks", "get_mask_handle"]
@@ -163,25 +165,58 @@ class MaskHandle:
         """Every trainable parameter (masked weights first, then fully trainable ones)."""
         return [*self.masked.values(), *self.full.values()]
 
-    def param_groups(self, weight_decay: float = 0.0, **options: Any) -> list[dict[str, Any]]:
-        """Optimizer parameter groups for the trainable parameters.
+    def param_groups(self, weight_decay: float = 0.0, *, head_lr: float | None = None,
+                     **options: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for the trainable parameters, tagged ``trpts_group``.
 
-        Masked weights get ``weight_decay=0`` (decay would move their frozen entries);
-        fully trainable matrices (e.g. the head's weight) get ``weight_decay``; 1-D
-        parameters (biases) get none, as in timm and Hugging Face. ``options`` (e.g. ``lr``)
-        are copied into every group. Empty groups are left out.
+        ``"masked"``: the masked weights, ``weight_decay=0`` (decay would move their frozen
+        entries); ``"decay"``: fully trainable matrices (e.g. the head's weight) with
+        ``weight_decay``; ``"no_decay"``: 1-D parameters (biases), no decay, as in timm and
+        Hugging Face. ``options`` (e.g. ``lr``) are copied into every group. Empty groups are
+        left out.
+
+        ``head_lr``: the classification head's parameters (the adapter's head that this handle
+        trains fully) move to their own groups with ``lr=head_lr``: ``"head"`` (its weight,
+        ``weight_decay``) and ``"head_no_decay"`` (its bias), after the others. Under Adam a
+        new head wants ~10-100x the learning rate of pretrained entries, e.g.
+        ``param_groups(lr=1e-4, head_lr=1e-2)``. ``None`` (default): no head groups.
         """
-        return self._groups(("masked", list(self.masked.values()), 0.0), weight_decay, options)
+        return self._groups(("masked", list(self.masked.values()), 0.0), weight_decay, head_lr, options)
+
+    def _head_ids(self, head_lr: Any) -> set[int]:
+        """``id`` of each fully trainable head parameter; validates ``head_lr`` (not None)."""
+        if (isinstance(head_lr, bool) or not isinstance(head_lr, numbers.Real)
+                or not math.isfinite(head_lr) or head_lr <= 0):
+            raise TrptsValueError(f"head_lr must be a positive finite number (or None), got {head_lr!r}")
+        model = self._model_ref()
+        if model is None:
+            raise TrptsRuntimeError("head_lr needs the handle's model, which no longer exists")
+        adapter = find_adapter(model)
+        names = adapter.head_parameters(model) if adapter is not None else []
+        head = {id(self.full[n]) for n in names if n in self.full}
+        if not head:
+            raise TrptsValueError(
+                "head_lr was given but this handle trains no classification-head parameter "
+                "(apply_masks(..., train_head=False), or a model without a trpts adapter); drop "
+                "head_lr, or apply_masks with train_head=True"
+            )
+        return head
 
     def _groups(self, first: tuple[str, list[nn.Parameter], float], weight_decay: float,
-                options: dict[str, Any]) -> list[dict[str, Any]]:
+                head_lr: float | None, options: dict[str, Any]) -> list[dict[str, Any]]:
+        head = set() if head_lr is None else self._head_ids(head_lr)
+        body = [p for p in self.full.values() if id(p) not in head]
+        tail = [p for p in self.full.values() if id(p) in head]
+        head_options = {**options, "lr": float(head_lr)} if head_lr is not None else options
         groups = [
-            first,
-            ("decay", [p for p in self.full.values() if p.ndim >= 2], float(weight_decay)),
-            ("no_decay", [p for p in self.full.values() if p.ndim < 2], 0.0),
+            (*first, options),
+            ("decay", [p for p in body if p.ndim >= 2], float(weight_decay), options),
+            ("no_decay", [p for p in body if p.ndim < 2], 0.0, options),
+            ("head", [p for p in tail if p.ndim >= 2], float(weight_decay), head_options),
+            ("head_no_decay", [p for p in tail if p.ndim < 2], 0.0, head_options),
         ]
-        return [{"params": ps, "weight_decay": wd, "trpts_group": g, **options}
-                for g, ps, wd in groups if ps]
+        return [{"params": ps, "weight_decay": wd, "trpts_group": g, **opts}
+                for g, ps, wd, opts in groups if ps]
 
     # ---- counts ------------------------------------------------------------------------------
     @property
@@ -258,15 +293,17 @@ class SparseMaskHandle(MaskHandle):
         """Every trainable parameter (compact value vectors first, then fully trainable ones)."""
         return [*self.values.values(), *self.full.values()]
 
-    def param_groups(self, weight_decay: float = 0.0, selected_weight_decay: float = 0.0,
-                     **options: Any) -> list[dict[str, Any]]:
-        """Like :meth:`MaskHandle.param_groups`, with the value vectors as the first group.
+    def param_groups(self, weight_decay: float = 0.0, selected_weight_decay: float = 0.0, *,
+                     head_lr: float | None = None, **options: Any) -> list[dict[str, Any]]:
+        """Like :meth:`MaskHandle.param_groups`, with the value vectors as the first group,
+        ``"selected"``.
 
         ``selected_weight_decay`` decays the selected entries themselves (towards 0, as
         decoupled decay does for any weight); default 0, which matches the hook mode.
+        ``head_lr`` gives the head its own groups, as for the hook storage.
         """
         return self._groups(("selected", list(self.values.values()), float(selected_weight_decay)),
-                            weight_decay, options)
+                            weight_decay, head_lr, options)
 
     @property
     def num_selected(self) -> int:
