@@ -1,0 +1,369 @@
+"""Methods, training and evaluation of the VTAB-1k-style benchmark (``benchmarks/vtab_mini.py``).
+
+Every method trains a new head at ``head_lr`` and its own backbone parameters at ``lr`` with
+AdamW (no weight decay), batch 32, linear warm-up over the first 10 % of the steps then cosine
+decay to 0, no augmentation (VTAB-1k's protocol: resize and normalize only); the model after the
+final epoch is evaluated. Head-only methods (linear probe, tokens only) train the head on
+features extracted once from the frozen backbone, which is the same computation as training
+the whole model with only the head trainable (the backbone has no dropout or drop-path here)
+at a third of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+import vtab_data
+from timm.data import resolve_data_config
+from torch import nn
+
+import trpts
+
+HEAD_GRID = (3e-3, 1e-2, 3e-2)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: ``kind`` says how the backbone trains, ``grid`` the backbone
+    learning rates tried on validation (head-only methods: the head's), ``options`` the
+    TR-PTS / GPS settings that differ from the run's defaults."""
+
+    kind: str  # head | full | bitfit | lora | gps | trpts | tokens
+    grid: tuple[float, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    ablation: bool = False  # only run when named with --methods
+
+    @property
+    def head_only(self) -> bool:
+        return self.kind in ("head", "tokens")
+
+
+SPARSE_GRID = (3e-5, 1e-4, 3e-4)
+METHODS: dict[str, Method] = {
+    "linear probe": Method("head", HEAD_GRID),
+    "full fine-tuning": Method("full", (1e-5, 3e-5, 1e-4)),
+    "BitFit": Method("bitfit", (3e-4, 1e-3, 3e-3)),
+    "LoRA r=8 (qkv, peft)": Method("lora", (1e-4, 3e-4, 1e-3)),
+    "GPS-style": Method("gps", SPARSE_GRID),
+    "TR-PTS params": Method("trpts", SPARSE_GRID),
+    "TR-PTS params + tokens": Method("trpts", SPARSE_GRID, {"placement": "sparse"}),
+    "TR-PTS tokens only": Method("tokens", HEAD_GRID, {"placement": "sparse"}),
+    "TR-PTS params + tokens (dense)": Method("trpts", SPARSE_GRID, {"placement": "dense"}),
+    "TR-PTS params + tokens (random)": Method("trpts", SPARSE_GRID, {"placement": "random"}),
+    # ablations (run when named): one setting changed from "TR-PTS params + tokens"
+    "ablation: + biases": Method("trpts", SPARSE_GRID, {"placement": "sparse", "biases": True}, True),
+    "ablation: Fisher after a linear-probe head": Method("trpts", SPARSE_GRID,
+                                                          {"placement": "sparse", "probe_head": True}, True),
+    "ablation: per-sample Fisher": Method("trpts", SPARSE_GRID, {"placement": "sparse", "per_sample": True}, True),
+    "ablation: unit=block": Method("trpts", SPARSE_GRID, {"placement": "sparse", "unit": "block"}, True),
+    "ablation: budget 0.2%": Method("trpts", SPARSE_GRID, {"placement": "sparse", "budget": 0.002}, True),
+    "ablation: rho 0.5": Method("trpts", SPARSE_GRID, {"placement": "sparse", "rho": 0.5}, True),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run of one benchmark configuration shares (its results-file key)."""
+
+    model: str
+    weights: str | None
+    img_size: int
+    epochs: int
+    batch_size: int
+    sizes: tuple[int, int, int]
+    budget: float
+    rho: float
+    token_blocks: int
+    fisher_batches: int
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        weights = Path(self.weights).name if self.weights else "random-init"
+        extra = "".join(f",{k}={v}" for k, v in sorted(self.model_kwargs.items()))
+        return (f"{self.model}[{weights}{extra}]@{self.img_size}px,ep{self.epochs},bs{self.batch_size},"
+                f"n{'/'.join(map(str, self.sizes))},budget{self.budget},rho{self.rho}x{self.token_blocks},"
+                f"fisher{self.fisher_batches}")
+
+
+def build_model(settings: Settings, num_classes: int, seed: int) -> nn.Module:
+    """The timm model with a new ``num_classes`` head (initialised from ``seed``) and the
+    pretrained weights of ``settings.weights`` (position embedding resampled to the resolution)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(settings.model, pretrained=False, num_classes=num_classes,
+                              img_size=settings.img_size, **settings.model_kwargs)
+    if settings.weights:
+        load_weights(model, Path(settings.weights))
+    return model
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a timm-named checkpoint (safetensors or torch) into ``model``; the head is new."""
+    from timm.layers import resample_abs_pos_embed
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    head = {n for n, _ in model.get_classifier().named_parameters(prefix="head")}
+    state = {k: v for k, v in state.items() if k not in head}
+    own = model.state_dict()
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=prefix)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - head:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {sorted(set(missing) - head)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+def normalizer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    cfg = resolve_data_config({}, model=model)
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return lambda x: (x - mean) / std
+
+
+# ---- method setups -----------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run's inputs."""
+
+    method: Method
+    settings: Settings
+    lr: float
+    head_lr: float
+    seed: int
+    task: vtab_data.Task
+    classes: int
+
+
+def _groups(named: Iterable[tuple[str, nn.Parameter]], is_head: Callable[[str], bool], lr: float,
+            head_lr: float) -> list[dict[str, Any]]:
+    named = [(n, p) for n, p in named if p.requires_grad]
+    body = [p for n, p in named if not is_head(n)]
+    head = [p for n, p in named if is_head(n)]
+    return [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
+def fisher_batches(model: nn.Module, run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = run.task["train"]
+    g = torch.Generator().manual_seed(run.seed)
+    data = vtab_data.batches(x, y, run.settings.batch_size, normalize=normalizer(model), generator=g)
+    return [b for _, b in zip(range(run.settings.fisher_batches), data, strict=False)]
+
+
+def gps_selection(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], budget: float) -> trpts.Selection:
+    """GPS-style selection: scores |sum over batches of the batch-mean gradient|, the top K
+    inputs of every neuron with one K for all weights (K chosen so the total matches
+    ``budget``, at least 1)."""
+    names = trpts.default_scored_parameters(model)
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    grads = {n: torch.zeros_like(params[n]) for n in names}
+    model.train()
+    for xb, yb in data:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        for n in names:
+            grads[n] += params[n].grad
+    model.zero_grad(set_to_none=True)
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
+    shapes = {n: (params[n].shape[0], params[n][0].numel()) for n in names}
+    total = sum(r * f for r, f in shapes.values())
+    k = max(1, round(budget * total / sum(r for r, _ in shapes.values())))
+    matrices, indices = {}, {}
+    for n in names:
+        rows, fan_in = shapes[n]
+        c = min(k, fan_in)
+        scores = grads[n].abs().reshape(rows, fan_in)
+        indices[n] = torch.topk(scores, c, dim=1, sorted=False).indices.sort(dim=1).values
+        matrices[n] = trpts.MatrixAllocation(name=n, shape=tuple(params[n].shape), rows=rows, fan_in=fan_in,
+                                             layer=n, block=None, share=0.0, connections=c)
+    return trpts.Selection(indices, matrices, {"method": "gps-style uniform", "k": k})
+
+
+def trpts_selection(model: nn.Module, run: Run) -> trpts.Selection:
+    """Fisher scores on the first training batches (eq. 2), then eq. 3-5."""
+    opts = run.method.options
+    head_state = None
+    if opts.get("probe_head"):  # score with a head fitted on frozen features first
+        head_state = {k: v.clone() for k, v in model.get_classifier().state_dict().items()}
+        fit_head_on_features(model, run, run.head_lr)
+    fisher = trpts.compute_fisher(model, fisher_batches(model, run), per_sample=bool(opts.get("per_sample")),
+                                  progress=False)
+    if head_state is not None:
+        model.get_classifier().load_state_dict(head_state)
+    return trpts.allocate_connections(fisher, budget=opts.get("budget", run.settings.budget),
+                                      unit=opts.get("unit", "matrix"), model=model)
+
+
+def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer | None, int, dict[str, Any]]:
+    """Make ``model`` train as ``run.method`` says: ``(model, optimizer or None for head-only
+    methods, trained values, extra facts for the results file)``."""
+    kind, opts, s = run.method.kind, run.method.options, run.settings
+    info: dict[str, Any] = {}
+    if kind in ("head", "tokens"):
+        if kind == "tokens":
+            selection = trpts_selection(model, run)
+            trpts.wrap_vit(model, selection, rho=s.rho, num_layers=s.token_blocks, placement=opts["placement"])
+            info["token_layers"] = list(trpts.get_token_config(model).layers)
+        return model, None, sum(p.numel() for p in model.get_classifier().parameters()), info
+    if kind == "full":
+        return model, torch.optim.AdamW(_groups(model.named_parameters(), lambda n: n.startswith("head."),
+                                                run.lr, run.head_lr), weight_decay=0.0), _count(model), info
+    if kind == "bitfit":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("head.") or (n.endswith(".bias") and p.ndim == 1))
+        return model, torch.optim.AdamW(_groups(model.named_parameters(), lambda n: n.startswith("head."),
+                                                run.lr, run.head_lr), weight_decay=0.0), _count(model), info
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+        groups = _groups(model.named_parameters(), lambda n: "lora_" not in n, run.lr, run.head_lr)
+        return model, torch.optim.AdamW(groups, weight_decay=0.0), _count(model), info
+    if kind == "gps":
+        selection = gps_selection(model, fisher_batches(model, run), s.budget)
+        handle = trpts.apply_masks(model, selection, train_biases=True, storage="sparse")
+    else:
+        selection = trpts_selection(model, run)
+        handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse")
+        if "placement" in opts:
+            trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=s.token_blocks,
+                           placement=opts["placement"], seed=run.seed)
+            info["token_layers"] = list(trpts.get_token_config(model).layers)
+    info["block_counts"] = {str(k): v for k, v in selection.block_counts.items()}
+    optimizer = torch.optim.AdamW(handle.param_groups(lr=run.lr, head_lr=run.head_lr), weight_decay=0.0)
+    return model, optimizer, handle.num_trainable, info
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- training and evaluation -------------------------------------------------------------------
+def schedule(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 10 % of the steps, then cosine decay to 0 (per step)."""
+    warmup = max(1, total // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, run: Run) -> None:
+    x, y = run.task["train"]
+    s = run.settings
+    sched = schedule(optimizer, s.epochs * math.ceil(len(x) / s.batch_size))
+    g = torch.Generator().manual_seed(run.seed + 1)
+    norm = normalizer(model)
+    model.train()
+    for _ in range(s.epochs):
+        for xb, yb in vtab_data.batches(x, y, s.batch_size, normalize=norm, generator=g):
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: vtab_data.Split, batch_size: int = 128) -> float:
+    model.eval()
+    norm = normalizer(model)
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in vtab_data.batches(*split, batch_size,
+                                                                                        normalize=norm))
+    return correct / max(1, len(split[1]))
+
+
+@torch.no_grad()
+def features(model: nn.Module, split: vtab_data.Split, batch_size: int = 128) -> torch.Tensor:
+    """Pre-logits features ``[N, D]`` float32 of the frozen backbone (eval mode)."""
+    model.eval()
+    norm = normalizer(model)
+    return torch.cat([model.forward_head(model.forward_features(xb), pre_logits=True)
+                      for xb, _ in vtab_data.batches(*split, batch_size, normalize=norm)])
+
+
+def fit_head_on_features(model: nn.Module, run: Run, lr: float,
+                         feats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Train ``model``'s head alone on frozen features with the benchmark's schedule."""
+    feats = feats or {"train": features(model, run.task["train"])}
+    head, y = model.get_classifier(), run.task["train"][1]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    s = run.settings
+    sched = schedule(optimizer, s.epochs * math.ceil(len(y) / s.batch_size))
+    g = torch.Generator().manual_seed(run.seed + 1)
+    for _ in range(s.epochs):
+        order = torch.randperm(len(y), generator=g)
+        for start in range(0, len(y), s.batch_size):
+            idx = order[start:start + s.batch_size]
+            loss = F.cross_entropy(head(feats["train"][idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+    return feats
+
+
+# ---- one run, with its cost ---------------------------------------------------------------------
+def _peak_rss_mib(reset: bool = False) -> float | None:
+    """Peak resident memory of this process (Linux VmHWM) in MiB; ``reset`` restarts it."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        return kib / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def execute(run: Run) -> dict[str, Any]:
+    """Set up, train and evaluate one run; accuracies, trained values, seconds and peak memory
+    (CUDA: ``max_memory_allocated``; CPU: peak RSS of the training phase alone)."""
+    cuda = torch.cuda.is_available()
+    model = build_model(run.settings, run.classes, run.seed)
+    total = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    model, optimizer, trained, info = setup(model, run)
+    setup_s = time.perf_counter() - start
+    _peak_rss_mib(reset=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if optimizer is None:
+        feats = fit_head_on_features(model, run, run.lr)  # head-only methods: the grid is the head's
+        train_s = time.perf_counter() - start
+        peak = _peak_rss_mib()
+        head = model.get_classifier()
+        val, test = (float((head(features(model, run.task[s])).argmax(1) == run.task[s][1]).float().mean())
+                     for s in ("val", "test"))
+        del feats
+    else:
+        train(model, optimizer, run)
+        train_s = time.perf_counter() - start
+        peak = _peak_rss_mib()
+        val, test = accuracy(model, run.task["val"]), accuracy(model, run.task["test"])
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"val": val, "test": test, "trained": int(trained), "total": int(total), "setup_s": round(setup_s, 2),
+            "train_s": round(train_s, 2), "peak_mib": None if peak is None else round(peak, 1), **info}

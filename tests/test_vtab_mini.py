@@ -1,0 +1,164 @@
+"""The VTAB-1k-style benchmark (benchmarks/vtab_mini.py): protocol, resumable results file,
+real-image loading, weights loading, and a --quick run end to end on generated data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import vtab_data  # noqa: E402
+import vtab_methods as vm  # noqa: E402
+import vtab_mini  # noqa: E402
+
+
+def _image_folder(root: Path, layout: str = "split", classes: int = 3, per_class: int = 12) -> Path:
+    """PNG images whose colour is their class, in ImageFolder layout."""
+    rng = np.random.default_rng(0)
+    splits = {"train": per_class, "test": per_class} if layout == "split" else {"": 2 * per_class}
+    for split, n in splits.items():
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((20, 20, 3), 40 + 80 * c, dtype=np.uint8) + rng.integers(0, 20, (20, 20, 3),
+                                                                                          dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/vtab_mini.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_quick_run_end_to_end_resumes_and_writes_docs_and_figure(tmp_path):
+    data = _image_folder(tmp_path / "colours")
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\n\nbefore\n{vtab_mini.BEGIN}\nold\n{vtab_mini.END}\nafter\n")
+    results = tmp_path / "r.jsonl"
+    args = ["--quick", "--no-progress", "--data", str(data), "--tasks", "colours", "digits", "--results",
+            str(results), "--cache-dir", str(tmp_path / "cache"), "--docs", str(doc), "--figure",
+            str(tmp_path / "fig.png")]
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    methods = [m for m in vtab_mini.PRIORITY]
+    # grid (1 rate each in --quick) on the grid task = seed 0 there, then seed 0 on the other task
+    assert len(rows) == 2 * len(methods)
+    assert rows[0]["method"] == "linear probe"  # the head's rate is chosen before anything else runs
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("colours", "digits") for m in methods}
+    head_lr = rows[0]["lr"]
+    assert all(r["head_lr"] == (r["lr"] if vm.METHODS[r["method"]].head_only else head_lr) for r in rows)
+    by = {(r["task"], r["method"]): r for r in rows}
+    trained = {m: by["digits", m]["trained"] for m in methods}
+    assert trained["linear probe"] == trained["TR-PTS tokens only"] == 32 * 10 + 10
+    assert trained["linear probe"] < trained["TR-PTS params"] < trained["LoRA r=8 (qkv, peft)"] < \
+        trained["full fine-tuning"]
+    assert trained["TR-PTS params"] == trained["TR-PTS params + tokens"]
+    assert all(0 <= r["val"] <= 1 and 0 <= r["test"] <= 1 and r["train_s"] > 0 for r in rows)
+    assert by["digits", "TR-PTS params + tokens"]["token_layers"]
+    text = doc.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith("after\n") and "\nold\n" not in text
+    assert "| TR-PTS params + tokens " in text and "colours" in text and "--quick" in text
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+    again = _run(*args)  # everything is in the results file: nothing runs again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(results.read_text().splitlines()) == len(rows)
+    assert again.stdout == done.stdout
+
+
+def test_default_mode_says_what_is_missing(tmp_path):
+    done = _run("--weights", str(tmp_path / "none.safetensors"), "--data", str(tmp_path / "none"),
+                "--results", str(tmp_path / "r.jsonl"))
+    assert done.returncode != 0
+    assert "--weights" in done.stderr and "--data" in done.stderr and "--quick" in done.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_unknown_method_is_rejected():
+    done = _run("--quick", "--methods", "no such method")
+    assert done.returncode != 0 and "unknown methods" in done.stderr
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(tasks=["a", "b"], grid_tasks=["a"], seeds=2)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _row(task, method, lr, head_lr, seed, val):
+    return {"task": task, "method": method, "lr": lr, "head_lr": head_lr, "seed": seed, "val": val}
+
+
+def test_plan_picks_rates_on_validation_in_order():
+    methods = ["linear probe", "TR-PTS params"]
+    todo = vtab_mini.plan(_args(), [], methods, quick=False)
+    assert todo == [("a", "linear probe", lr, lr, 0) for lr in vm.HEAD_GRID]  # nothing else before the head
+    rows = [_row("a", "linear probe", lr, lr, 0, v) for lr, v in zip(vm.HEAD_GRID, (0.5, 0.7, 0.7), strict=True)]
+    todo = vtab_mini.plan(_args(), rows, methods, quick=False)
+    best = vm.HEAD_GRID[1]  # a tie goes to the smaller rate
+    grid = [("a", "TR-PTS params", lr, best, 0) for lr in vm.SPARSE_GRID]
+    assert todo[:3] == grid  # grids first, at the chosen head rate
+    assert todo[3:] == [("b", "linear probe", best, best, 0), ("a", "linear probe", best, best, 1),
+                        ("b", "linear probe", best, best, 1)]  # seed 0 on "a" is the grid run itself
+    rows += [_row(*spec[:5], 0.1 * i) for i, spec in enumerate(grid)]
+    todo = vtab_mini.plan(_args(), rows, methods, quick=False)
+    lr = vm.SPARSE_GRID[-1]
+    assert ("b", "TR-PTS params", lr, best, 0) in todo and ("a", "TR-PTS params", lr, best, 1) in todo
+    assert all(spec[4] in (0, 1) for spec in todo)
+
+
+def test_results_file_appends_and_ignores_a_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    vtab_mini.append_result(path, {"settings": "k", "x": 1})
+    vtab_mini.append_result(path, {"settings": "other", "x": 2})
+    with open(path, "a") as f:
+        f.write('{"settings": "k", "x"')  # a run killed mid-write
+    assert vtab_mini.load_results(path, "k") == [{"settings": "k", "x": 1}]
+
+
+@pytest.mark.parametrize("layout", ["split", "flat"])
+def test_image_folder_task_is_balanced_disjoint_and_cached(tmp_path, layout):
+    data = _image_folder(tmp_path / "imgs", layout)
+    infos = vtab_data.task_infos(data)
+    assert infos["imgs"].classes == 3 and infos["imgs"].group == "natural"
+    task = vtab_data.load_task("imgs", data=data, size=24, sizes=(6, 3, 9), cache_dir=tmp_path / "c")
+    for split, n in (("train", 6), ("val", 3), ("test", 9)):
+        x, y = task[split]
+        assert x.shape == (n, 3, 24, 24) and x.dtype == torch.uint8 and y.dtype == torch.int64
+        assert torch.bincount(y, minlength=3).tolist() == [n // 3] * 3
+        # the colour says the class: the images really are the labelled ones
+        assert (x.float().mean(dim=(1, 2, 3)).sub(50 + 80 * y).abs() < 15).all()
+    flat = {split: {tuple(img.flatten()[:64].tolist()) for img in task[split][0]} for split in task}
+    assert not (flat["train"] & flat["test"]) and not (flat["val"] & flat["test"])
+    again = vtab_data.load_task("imgs", data=data, size=24, sizes=(6, 3, 9), cache_dir=tmp_path / "c")
+    assert all(torch.equal(task[s][0], again[s][0]) for s in task)
+    assert len(list((tmp_path / "c").glob("imgs-24px-*.pt"))) == 1
+    with pytest.raises(ValueError, match="images left"):
+        vtab_data.load_task("imgs", data=data, size=24, sizes=(90, 3, 9), cache_dir=tmp_path / "c")
+
+
+def test_weights_load_at_another_resolution_and_misfits_are_refused(tmp_path):
+    import timm
+
+    small = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, pretrained=False)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, **small)
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    settings = vm.Settings("vit_tiny_patch16_224", str(path), 48, 1, 8, (8, 4, 8), 0.01, 0.7, 1, 1,
+                           {k: v for k, v in small.items() if k != "pretrained"})
+    model = vm.build_model(settings, num_classes=5, seed=0)
+    assert model.pos_embed.shape[1] == 1 + 36 and model.head.out_features == 5
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    deeper = vm.Settings(**{**settings.__dict__, "model_kwargs": {**settings.model_kwargs, "depth": 3}})
+    with pytest.raises(ValueError, match="does not fit"):
+        vm.build_model(deeper, num_classes=5, seed=0)
