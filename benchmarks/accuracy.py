@@ -32,13 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import digits_task as task
 from common import report
+from vtab_methods import gps_selection
 
 import trpts
 
@@ -90,7 +90,7 @@ def make_methods(budget: float, rho: float, token_blocks: int) -> dict[str, tupl
         return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), sum(p.numel() for p in params)
 
     def gps(model, data, lr, seed):
-        selection = gps_selection(model, data, budget)
+        selection = gps_selection(model, list(task.batches(*data)), budget)
         handle = trpts.apply_masks(model, selection, train_biases=True)
         return model, torch.optim.AdamW(handle.param_groups(weight_decay=0.0, lr=lr)), handle.num_trainable
 
@@ -114,39 +114,6 @@ def make_methods(budget: float, rho: float, token_blocks: int) -> dict[str, tupl
         "TR-PTS params + tokens (dense)": ("sparse", lambda m, d, lr, s: tr_pts(m, d, lr, s, "dense")),
         "TR-PTS params + tokens (random)": ("sparse", lambda m, d, lr, s: tr_pts(m, d, lr, s, "random")),
     }
-
-
-def gps_selection(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], budget: float) -> trpts.Selection:
-    """GPS-style selection: scores |sum over batches of the batch-mean gradient|, the top K
-    inputs of every neuron with one K for all weights (K chosen so the total matches
-    ``budget``, at least 1)."""
-    names = trpts.default_scored_parameters(model)
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    for n, p in params.items():
-        p.requires_grad_(n in names)
-    grads = {n: torch.zeros_like(params[n]) for n in names}
-    model.train()
-    for xb, yb in task.batches(*data):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), yb).backward()
-        for n in names:
-            grads[n] += params[n].grad
-    model.zero_grad(set_to_none=True)
-    for n, p in params.items():
-        p.requires_grad_(flags[n])
-    shapes = {n: (params[n].shape[0], params[n][0].numel()) for n in names}
-    total = sum(r * f for r, f in shapes.values())
-    k = max(1, round(budget * total / sum(r for r, _ in shapes.values())))
-    matrices, indices = {}, {}
-    for n in names:
-        rows, fan_in = shapes[n]
-        c = min(k, fan_in)
-        scores = grads[n].abs().reshape(rows, fan_in)
-        indices[n] = torch.topk(scores, c, dim=1, sorted=False).indices.sort(dim=1).values
-        matrices[n] = trpts.MatrixAllocation(name=n, shape=tuple(params[n].shape), rows=rows, fan_in=fan_in,
-                                             layer=n, block=None, share=0.0, connections=c)
-    return trpts.Selection(indices, matrices, {"method": "gps-style uniform", "k": k})
 
 
 def run_once(setup: Setup, source: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float,

@@ -61,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--warmup-epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--lr", type=float, default=lr, help="selected entries (and the head without --head-lr)")
+    parser.add_argument("--head-lr", type=float, default=None,
+                        help="the new head's own rate (the paper: one rate; on a real backbone the head "
+                             "wants ~100x the entries' rate, see docs/benchmarks.md#real-backbone)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="head only (masked weights take none)")
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--budget", type=float, default=0.005, help="share of ViT weights trained")
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace, name: str, model: nn.Module, train_set: Datase
     handle = trpts.apply_masks(model, selection)
     if args.token_blocks:
         trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
-    optimizer = torch.optim.Adam(handle.param_groups(weight_decay=args.weight_decay, lr=args.lr))
+    optimizer = torch.optim.Adam(handle.param_groups(weight_decay=args.weight_decay, lr=args.lr, head_lr=args.head_lr))
     steps_per_epoch = len(train_loader)
     scheduler = _schedule(optimizer, args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch)
     select_seconds = time.perf_counter() - start

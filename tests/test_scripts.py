@@ -117,9 +117,10 @@ def test_vtab_harness_on_a_generated_dataset(tmp_path):
                        "test": lines[8:]}.items():
         (root / f"{name}.txt").write_text("\n".join(part) + "\n")
     out = _run("examples/vtab.py", "--data-root", str(tmp_path / "vtab-1k"), "--dataset", "eurosat",
-               "--out", str(tmp_path / "runs"), *TINY)
+               "--out", str(tmp_path / "runs"), "--head-lr", "0.01", *TINY)
     assert "eurosat: test accuracy" in out
     result = json.loads((tmp_path / "runs" / "eurosat.json").read_text())
+    assert result["settings"]["head_lr"] == 0.01
     assert result["eval_split"] == "test" and 0 <= result["accuracy"] <= 1 and len(result["reducing_blocks"]) == 1
     meta, _ = trpts.read_delta(tmp_path / "runs" / "eurosat.safetensors")
     assert meta["user"]["eval_split"] == "test"
