@@ -12,6 +12,7 @@ at a third of the cost.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -339,7 +340,9 @@ def _peak_rss_mib(reset: bool = False) -> float | None:
 
 def execute(run: Run) -> dict[str, Any]:
     """Set up, train and evaluate one run; accuracies, trained values, seconds and peak memory
-    (CUDA: ``max_memory_allocated``; CPU: peak RSS of the training phase alone)."""
+    (CUDA: ``max_memory_allocated``; CPU: peak RSS of the training phase alone), and the
+    machine's 1-minute load average after training (above the thread count: the timing was
+    shared with other work)."""
     cuda = torch.cuda.is_available()
     model = build_model(run.settings, run.classes, run.seed)
     total = sum(p.numel() for p in model.parameters())
@@ -366,4 +369,5 @@ def execute(run: Run) -> dict[str, Any]:
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     return {"val": val, "test": test, "trained": int(trained), "total": int(total), "setup_s": round(setup_s, 2),
-            "train_s": round(train_s, 2), "peak_mib": None if peak is None else round(peak, 1), **info}
+            "train_s": round(train_s, 2), "peak_mib": None if peak is None else round(peak, 1),
+            "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads(), **info}

@@ -311,15 +311,17 @@ class Results:
         runs = [self.run(task, method, lr, s) for s in range(self.args.seeds)] if lr is not None else []
         return [r["test"] for r in runs if r is not None]
 
-    def cost(self, method: str) -> dict[str, float] | None:
-        """Trained values and medians of train seconds and peak MiB over the method's runs."""
+    def cost(self, method: str) -> dict[str, float | None] | None:
+        """Trained values, median peak MiB over the method's runs and median train seconds over
+        its runs that had the machine to themselves (load average <= threads + 0.5)."""
         mine = [r for r in self.rows if r["method"] == method and r["task"] in self.args.tasks]
         if not mine:
             return None
-        med = lambda k: statistics.median(r[k] for r in mine if r.get(k) is not None)  # noqa: E731
-        trained = statistics.median(r["trained"] / r["total"] for r in mine)
-        return {"trained": mine[0]["trained"], "fraction": trained, "train_s": med("train_s"),
-                "peak_mib": med("peak_mib")}
+        alone = [r["train_s"] for r in mine if "load" in r and r["load"] <= r["threads"] + 0.5]
+        peaks = [r["peak_mib"] for r in mine if r.get("peak_mib") is not None]
+        return {"trained": mine[0]["trained"], "fraction": statistics.median(r["trained"] / r["total"] for r in mine),
+                "train_s": statistics.median(alone) if alone else None,
+                "peak_mib": statistics.median(peaks) if peaks else None}
 
     def complete_tasks(self, methods: list[str]) -> list[str]:
         """Tasks on which every one of ``methods`` has at least one final run."""
@@ -369,8 +371,9 @@ def report(args: argparse.Namespace, settings: vm.Settings, methods: list[str]) 
         "", "Learning-rate grids (seed 0, validation accuracy; the chosen rate in bold):", "",
         grid_table(res, methods), "",
         "Test accuracy (%) after the final epoch, mean ± std over seeds (number of seeds); `-`: not run yet. "
-        "Cost columns: medians over the method's runs, with the ratio to LoRA's in brackets (CPU: peak RSS "
-        "of the training phase, data and model included):", "",
+        "Cost columns, with the ratio to LoRA's in brackets: train-loop seconds, median over the runs that "
+        "had the machine to themselves (1-minute load average <= threads + 0.5; `-`: none yet), and peak "
+        "memory, median over all runs (CPU: peak RSS of the training phase, data and model included):", "",
         main_table(res, methods)])
 
 
