@@ -35,12 +35,13 @@ HEAD_GRID = (3e-3, 1e-2, 3e-2)
 class Method:
     """One row of the table: ``kind`` says how the backbone trains, ``grid`` the backbone
     learning rates tried on validation (head-only methods: the head's), ``options`` the
-    TR-PTS / GPS settings that differ from the run's defaults."""
+    TR-PTS / GPS settings that differ from the run's defaults. An ablation has no grid: it
+    runs at the rate chosen for its ``base`` method, so it changes one thing only."""
 
     kind: str  # head | full | bitfit | lora | gps | trpts | tokens
     grid: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)
-    ablation: bool = False  # only run when named with --methods
+    base: str | None = None
 
     @property
     def head_only(self) -> bool:
@@ -48,6 +49,13 @@ class Method:
 
 
 SPARSE_GRID = (3e-5, 1e-4, 3e-4)
+PT = "TR-PTS params + tokens"
+
+
+def _ablation(**change: Any) -> Method:
+    return Method("trpts", (), {"placement": "sparse", **change}, PT)
+
+
 METHODS: dict[str, Method] = {
     "linear probe": Method("head", HEAD_GRID),
     "full fine-tuning": Method("full", (1e-5, 3e-5, 1e-4)),
@@ -55,18 +63,20 @@ METHODS: dict[str, Method] = {
     "LoRA r=8 (qkv, peft)": Method("lora", (1e-4, 3e-4, 1e-3)),
     "GPS-style": Method("gps", SPARSE_GRID),
     "TR-PTS params": Method("trpts", SPARSE_GRID),
-    "TR-PTS params + tokens": Method("trpts", SPARSE_GRID, {"placement": "sparse"}),
+    PT: Method("trpts", SPARSE_GRID, {"placement": "sparse"}),
     "TR-PTS tokens only": Method("tokens", HEAD_GRID, {"placement": "sparse"}),
     "TR-PTS params + tokens (dense)": Method("trpts", SPARSE_GRID, {"placement": "dense"}),
     "TR-PTS params + tokens (random)": Method("trpts", SPARSE_GRID, {"placement": "random"}),
-    # ablations (run when named): one setting changed from "TR-PTS params + tokens"
-    "ablation: + biases": Method("trpts", SPARSE_GRID, {"placement": "sparse", "biases": True}, True),
-    "ablation: Fisher after a linear-probe head": Method("trpts", SPARSE_GRID,
-                                                          {"placement": "sparse", "probe_head": True}, True),
-    "ablation: per-sample Fisher": Method("trpts", SPARSE_GRID, {"placement": "sparse", "per_sample": True}, True),
-    "ablation: unit=block": Method("trpts", SPARSE_GRID, {"placement": "sparse", "unit": "block"}, True),
-    "ablation: budget 0.2%": Method("trpts", SPARSE_GRID, {"placement": "sparse", "budget": 0.002}, True),
-    "ablation: rho 0.5": Method("trpts", SPARSE_GRID, {"placement": "sparse", "rho": 0.5}, True),
+    # ablations (run when named with --methods): one setting changed from PT, at PT's rate
+    "ablation: + biases": _ablation(biases=True),
+    "ablation: Fisher after a linear-probe head": _ablation(probe_head=True),
+    "ablation: per-sample Fisher": _ablation(per_sample=True),
+    "ablation: unit=block": _ablation(unit="block"),
+    "ablation: budget 0.69% (LoRA's count)": _ablation(budget=0.0069),
+    "ablation: rho 0.5": _ablation(rho=0.5),
+    "ablation: placement ties by Fisher share": _ablation(ties="share"),
+    "ablation: placement ties to later blocks": _ablation(ties="late"),
+    "ablation: no patch-embedding entries": _ablation(no_patch_embed=True),
 }
 
 
@@ -204,12 +214,27 @@ def trpts_selection(model: nn.Module, run: Run) -> trpts.Selection:
     if opts.get("probe_head"):  # score with a head fitted on frozen features first
         head_state = {k: v.clone() for k, v in model.get_classifier().state_dict().items()}
         fit_head_on_features(model, run, run.head_lr)
+    params = trpts.default_scored_parameters(model)
+    if opts.get("no_patch_embed"):
+        params = [n for n in params if not n.startswith("patch_embed.")]
     fisher = trpts.compute_fisher(model, fisher_batches(model, run), per_sample=bool(opts.get("per_sample")),
-                                  progress=False)
+                                  params=params, progress=False)
     if head_state is not None:
         model.get_classifier().load_state_dict(head_state)
     return trpts.allocate_connections(fisher, budget=opts.get("budget", run.settings.budget),
                                       unit=opts.get("unit", "matrix"), model=model)
+
+
+def sparse_layers(selection: trpts.Selection, n: int, ties: str) -> list[int]:
+    """The ``n`` blocks with the fewest selected weights, ties broken by the block's summed
+    Fisher share ``w_l`` (``"share"``, least first) or towards later blocks (``"late"``)."""
+    share: dict[int, float] = {}
+    for m in selection.matrices.values():
+        if m.block is not None:
+            share[m.block] = share.get(m.block, 0.0) + m.share
+    counts = selection.block_counts
+    tie = (lambda b: share[b]) if ties == "share" else (lambda b: -b)
+    return sorted(sorted(counts, key=lambda b: (counts[b], tie(b)))[:n])
 
 
 def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer | None, int, dict[str, Any]]:
@@ -245,7 +270,8 @@ def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer 
         handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse")
         if "placement" in opts:
             trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=s.token_blocks,
-                           placement=opts["placement"], seed=run.seed)
+                           placement=opts["placement"], seed=run.seed,
+                           layers=sparse_layers(selection, s.token_blocks, opts["ties"]) if "ties" in opts else None)
             info["token_layers"] = list(trpts.get_token_config(model).layers)
     info["block_counts"] = {str(k): v for k, v in selection.block_counts.items()}
     optimizer = torch.optim.AdamW(handle.param_groups(lr=run.lr, head_lr=run.head_lr), weight_decay=0.0)

@@ -156,31 +156,58 @@ def run_id(task: str, method: str, lr: float, head_lr: float, seed: int) -> tupl
 
 
 # ---- planning ----------------------------------------------------------------------------------
-def chosen_lr(rows: list[dict[str, Any]], method: str, grid_tasks: list[str], grid: tuple[float, ...],
-              head_lr: float | None) -> float | None:
-    """The grid rate with the best mean validation accuracy over the grid tasks (seed 0; ties
-    go to the smaller rate), once every grid run is in ``rows``."""
+MAX_EXTENSIONS = 2  # half-decade steps a grid may grow past each edge
+
+
+def _step(lr: float, up: bool) -> float:
+    """The next rate on the half-decade ladder 1, 3, 10, 30, ... x 10^k."""
+    mantissa = float(f"{lr:.0e}".split("e")[0])
+    factor = (3.0 if mantissa < 2 else 10 / 3) if up else (0.3 if mantissa < 2 else 1 / 3)
+    return float(f"{lr * factor:.0e}")
+
+
+def search(rows: list[dict[str, Any]], method: str, args: argparse.Namespace,
+           head_lr: float | None) -> tuple[list[float], float | None]:
+    """The method's learning-rate grid as far as it has grown, and the rate with the best mean
+    validation accuracy over the grid tasks (seed 0; ties to the smaller rate), or None while
+    runs are missing. When the best rate sits on an edge of the grid, the grid grows one
+    half-decade step past it (at most ``MAX_EXTENSIONS`` per side), so no choice is an edge of
+    what was tried unless the cap was reached. ``--quick``: the grid's middle value only."""
+    grid = list(vm.METHODS[method].grid)
+    if args.quick:
+        grid = grid[len(grid) // 2:][:1]
     found = {run_id(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"]): r["val"] for r in rows}
-    means = {}
-    for lr in grid:
-        vals = [found.get(run_id(t, method, lr, lr if head_lr is None else head_lr, 0)) for t in grid_tasks]
-        if any(v is None for v in vals):
-            return None
-        means[lr] = statistics.mean(vals)
-    return max(grid, key=lambda lr: (means[lr], -lr))
+    grown = {True: 0, False: 0}
+    while grid:
+        vals = {lr: [found.get(run_id(t, method, lr, lr if head_lr is None else head_lr, 0))
+                     for t in args.grid_tasks] for lr in grid}
+        if any(v is None for vs in vals.values() for v in vs):
+            return grid, None
+        best = max(grid, key=lambda lr: (statistics.mean(vals[lr]), -lr))
+        edge = None if args.quick or len(grid) < 2 else (True if best == grid[-1] else False if best == grid[0]
+                                                         else None)
+        if edge is None or grown[edge] == MAX_EXTENSIONS:
+            return grid, best
+        grown[edge] += 1
+        grid = [*grid, _step(best, True)] if edge else [_step(best, False), *grid]
+    return grid, None
 
 
-def grid_of(method: str, quick: bool) -> tuple[float, ...]:
-    """The method's learning-rate grid (``--quick``: its middle value only)."""
-    grid = vm.METHODS[method].grid
-    return grid[len(grid) // 2:][:1] if quick else grid
+def rate(rows: list[dict[str, Any]], method: str, args: argparse.Namespace, head_lr: float | None) -> float | None:
+    """The learning rate ``method`` runs its seeds at: its own grid's choice, or its base's."""
+    source = vm.METHODS[method].base or method
+    return search(rows, source, args, None if vm.METHODS[source].head_only else head_lr)[1]
 
 
-def plan(args: argparse.Namespace, rows: list[dict[str, Any]], methods: list[str],
-         quick: bool) -> list[tuple[str, str, float, float, int]]:
+def head_rate(rows: list[dict[str, Any]], args: argparse.Namespace) -> float | None:
+    """Every method's head learning rate: the linear probe's choice."""
+    return search(rows, "linear probe", args, None)[1]
+
+
+def plan(args: argparse.Namespace, rows: list[dict[str, Any]],
+         methods: list[str]) -> list[tuple[str, str, float, float, int]]:
     """Runs still to do, in order: learning-rate grids on the grid tasks, then seeds."""
-    grids = {m: grid_of(m, quick) for m in methods}
-    head_lr = chosen_lr(rows, "linear probe", args.grid_tasks, grid_of("linear probe", quick), None)
+    head_lr = head_rate(rows, args)
     done = {run_id(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"]) for r in rows}
     todo: list[tuple[str, str, float, float, int]] = []
 
@@ -188,12 +215,12 @@ def plan(args: argparse.Namespace, rows: list[dict[str, Any]], methods: list[str
         return lr if vm.METHODS[m].head_only else head_lr
 
     for m in methods:  # grids
-        for lr in grids[m]:
-            hl = head_of(m, lr)
-            todo += [(t, m, lr, hl, 0) for t in args.grid_tasks if hl is not None]
+        if vm.METHODS[m].head_only or head_lr is not None:
+            grid, _ = search(rows, m, args, None if vm.METHODS[m].head_only else head_lr)
+            todo += [(t, m, lr, head_of(m, lr), 0) for lr in grid for t in args.grid_tasks]
     for seed in range(args.seeds):  # seeds at the chosen rates
         for m in methods:
-            lr = chosen_lr(rows, m, args.grid_tasks, grids[m], None if vm.METHODS[m].head_only else head_lr)
+            lr = rate(rows, m, args, head_lr)
             if lr is not None and head_of(m, lr) is not None:
                 todo += [(t, m, lr, head_of(m, lr), seed) for t in args.tasks]
     seen: set[tuple[Any, ...]] = set()
@@ -252,7 +279,7 @@ def run_all(args: argparse.Namespace, settings: vm.Settings, infos: dict[str, vt
     bar = tqdm(desc="vtab_mini runs", disable=args.no_progress, unit="run")
     failed: set[tuple[Any, ...]] = set()  # not retried in this invocation
     while True:
-        todo = [s for s in plan(args, load_results(args.results, key), methods, args.quick) if s not in failed]
+        todo = [s for s in plan(args, load_results(args.results, key), methods) if s not in failed]
         bar.total = bar.n + len(todo)
         bar.refresh()
         if not todo or (args.max_minutes is not None and time.monotonic() - start > 60 * args.max_minutes):
@@ -291,15 +318,13 @@ class Results:
     def __init__(self, args: argparse.Namespace, settings: vm.Settings):
         self.args, self.rows = args, load_results(args.results, settings.key())
         self.by = {run_id(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"]): r for r in self.rows}
-        self.head_lr = chosen_lr(self.rows, "linear probe", args.grid_tasks, grid_of("linear probe", args.quick),
-                                 None)
+        self.head_lr = head_rate(self.rows, args)
 
     def head_of(self, method: str, lr: float) -> float | None:
         return lr if vm.METHODS[method].head_only else self.head_lr
 
     def lr(self, method: str) -> float | None:
-        hl = None if vm.METHODS[method].head_only else self.head_lr
-        return chosen_lr(self.rows, method, self.args.grid_tasks, grid_of(method, self.args.quick), hl)
+        return rate(self.rows, method, self.args, self.head_lr)
 
     def run(self, task: str, method: str, lr: float, seed: int) -> dict[str, Any] | None:
         hl = self.head_of(method, lr)
@@ -332,10 +357,14 @@ def grid_table(res: Results, methods: list[str]) -> str:
     rows = []
     for m in methods:
         best, cells = res.lr(m), []
-        for lr in grid_of(m, res.args.quick):
+        grid = search(res.rows, m, res.args, None if vm.METHODS[m].head_only else res.head_lr)[0] \
+            if (vm.METHODS[m].head_only or res.head_lr) else list(vm.METHODS[m].grid)
+        for lr in grid:
             cell = "/".join(_pct(r["val"]) if (r := res.run(t, m, lr, 0)) else "-" for t in res.args.grid_tasks)
             cells.append(f"{lr:g}: " + (f"**{cell}**" if lr == best else cell))
         head = "= lr" if vm.METHODS[m].head_only else (f"{res.head_lr:g}" if res.head_lr else "-")
+        if vm.METHODS[m].base:
+            cells = [f"the rate of {vm.METHODS[m].base}"]
         rows.append({"method": m, "head lr": head, "validation accuracy (%) at lr": ", ".join(cells)})
     return table(rows)
 
@@ -424,6 +453,9 @@ def main(argv: list[str] | None = None) -> str | None:
     settings = settings_of(args)
     infos = vtab_data.task_infos(args.data if args.data.exists() else None)
     methods = args.methods or [m for m in PRIORITY if m in vm.METHODS]
+    if args.report_only and not args.methods:  # report every method the results file holds
+        held = {r["method"] for r in load_results(args.results, settings.key())}
+        methods = [*methods, *(m for m in vm.METHODS if m in held and m not in methods)]
     if not args.report_only:
         check_inputs(args, infos)
         run_all(args, settings, infos, methods)
@@ -436,7 +468,8 @@ def main(argv: list[str] | None = None) -> str | None:
     if args.figure:
         import vtab_figures
 
-        vtab_figures.plot_accuracy_vs_trained(*figure_points(args, settings, shown), args.figure)
+        main = [m for m in shown if not vm.METHODS[m].base]  # ablations stay in the table
+        vtab_figures.plot_accuracy_vs_trained(*figure_points(args, settings, main), args.figure)
     if args.paper_figures:
         import vtab_figures
 

@@ -91,7 +91,7 @@ def test_unknown_method_is_rejected():
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(tasks=["a", "b"], grid_tasks=["a"], seeds=2)
+    base = dict(tasks=["a", "b"], grid_tasks=["a"], seeds=2, quick=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -101,20 +101,37 @@ def _row(task, method, lr, head_lr, seed, val):
 
 def test_plan_picks_rates_on_validation_in_order():
     methods = ["linear probe", "TR-PTS params"]
-    todo = vtab_mini.plan(_args(), [], methods, quick=False)
+    todo = vtab_mini.plan(_args(), [], methods)
     assert todo == [("a", "linear probe", lr, lr, 0) for lr in vm.HEAD_GRID]  # nothing else before the head
     rows = [_row("a", "linear probe", lr, lr, 0, v) for lr, v in zip(vm.HEAD_GRID, (0.5, 0.7, 0.7), strict=True)]
-    todo = vtab_mini.plan(_args(), rows, methods, quick=False)
+    todo = vtab_mini.plan(_args(), rows, methods)
     best = vm.HEAD_GRID[1]  # a tie goes to the smaller rate
     grid = [("a", "TR-PTS params", lr, best, 0) for lr in vm.SPARSE_GRID]
     assert todo[:3] == grid  # grids first, at the chosen head rate
     assert todo[3:] == [("b", "linear probe", best, best, 0), ("a", "linear probe", best, best, 1),
                         ("b", "linear probe", best, best, 1)]  # seed 0 on "a" is the grid run itself
-    rows += [_row(*spec[:5], 0.1 * i) for i, spec in enumerate(grid)]
-    todo = vtab_mini.plan(_args(), rows, methods, quick=False)
-    lr = vm.SPARSE_GRID[-1]
+    rows += [_row(*spec[:5], v) for v, spec in zip((0.1, 0.3, 0.2), grid, strict=True)]
+    todo = vtab_mini.plan(_args(), rows, methods)
+    lr = vm.SPARSE_GRID[1]
     assert ("b", "TR-PTS params", lr, best, 0) in todo and ("a", "TR-PTS params", lr, best, 1) in todo
     assert all(spec[4] in (0, 1) for spec in todo)
+
+
+def test_a_grid_grows_past_the_edge_its_best_rate_sits_on():
+    assert [vtab_mini._step(x, True) for x in (1e-4, 3e-4, 3e-5)] == [3e-4, 1e-3, 1e-4]
+    assert [vtab_mini._step(x, False) for x in (1e-4, 3e-4, 3e-5)] == [3e-5, 1e-4, 1e-5]
+    args, m = _args(tasks=["a"]), "linear probe"
+    rows = [_row("a", m, lr, lr, 0, v) for lr, v in zip(vm.HEAD_GRID, (0.5, 0.6, 0.7), strict=True)]
+    grid, best = vtab_mini.search(rows, m, args, None)
+    assert best is None and grid == [*vm.HEAD_GRID, 0.1]  # best on the top edge: one step up
+    assert vtab_mini.plan(args, rows, [m]) == [("a", m, 0.1, 0.1, 0)]
+    rows.append(_row("a", m, 0.1, 0.1, 0, 0.65))
+    assert vtab_mini.search(rows, m, args, None) == ([*vm.HEAD_GRID, 0.1], vm.HEAD_GRID[-1])
+    rows[-1]["val"] = 0.8  # still rising: one more step, then the cap
+    rows.append(_row("a", m, 0.3, 0.3, 0, 0.9))
+    assert vtab_mini.search(rows, m, args, None) == ([*vm.HEAD_GRID, 0.1, 0.3], 0.3)
+    low = [_row("a", m, lr, lr, 0, v) for lr, v in zip(vm.HEAD_GRID, (0.7, 0.6, 0.5), strict=True)]
+    assert vtab_mini.search(low, m, args, None) == ([1e-3, *vm.HEAD_GRID], None)  # bottom edge: one step down
 
 
 def test_results_file_appends_and_ignores_a_torn_line(tmp_path):
@@ -162,3 +179,13 @@ def test_weights_load_at_another_resolution_and_misfits_are_refused(tmp_path):
     deeper = vm.Settings(**{**settings.__dict__, "model_kwargs": {**settings.model_kwargs, "depth": 3}})
     with pytest.raises(ValueError, match="does not fit"):
         vm.build_model(deeper, num_classes=5, seed=0)
+
+
+def test_ablations_run_at_their_base_methods_rate_without_a_grid():
+    ablation = "ablation: + biases"
+    assert vm.METHODS[ablation].base == vm.PT and vm.METHODS[ablation].grid == ()
+    head = [_row("a", "linear probe", lr, lr, 0, v) for lr, v in zip(vm.HEAD_GRID, (0.5, 0.7, 0.6), strict=True)]
+    assert vtab_mini.plan(_args(seeds=1), head, [ablation]) == []  # the base's rate is not known yet
+    base = [_row("a", vm.PT, lr, vm.HEAD_GRID[1], 0, v) for lr, v in zip(vm.SPARSE_GRID, (0.2, 0.6, 0.4), strict=True)]
+    todo = vtab_mini.plan(_args(seeds=1), head + base, [ablation])
+    assert todo == [(t, ablation, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0) for t in ("a", "b")]
