@@ -75,7 +75,7 @@ METHODS: dict[str, Method] = {
     "ablation: budget 0.69% (LoRA's count)": _ablation(budget=0.0069),
     "ablation: rho 0.5": _ablation(rho=0.5),
     "ablation: placement ties by Fisher share": _ablation(ties="share"),
-    "ablation: placement ties to later blocks": _ablation(ties="late"),
+    "ablation: placement ties to earlier blocks (the old default)": _ablation(ties="early"),
     "ablation: no patch-embedding entries": _ablation(no_patch_embed=True),
 }
 
@@ -227,13 +227,14 @@ def trpts_selection(model: nn.Module, run: Run) -> trpts.Selection:
 
 def sparse_layers(selection: trpts.Selection, n: int, ties: str) -> list[int]:
     """The ``n`` blocks with the fewest selected weights, ties broken by the block's summed
-    Fisher share ``w_l`` (``"share"``, least first) or towards later blocks (``"late"``)."""
+    Fisher share ``w_l`` (``"share"``, least first) or towards earlier blocks (``"early"``,
+    trpts' rule before the default became later blocks)."""
     share: dict[int, float] = {}
     for m in selection.matrices.values():
         if m.block is not None:
             share[m.block] = share.get(m.block, 0.0) + m.share
     counts = selection.block_counts
-    tie = (lambda b: share[b]) if ties == "share" else (lambda b: -b)
+    tie = (lambda b: share[b]) if ties == "share" else (lambda b: b)
     return sorted(sorted(counts, key=lambda b: (counts[b], tie(b)))[:n])
 
 

@@ -246,3 +246,45 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _selection_with_block_counts(counts: list[int]) -> trpts.Selection:
+    """One 4 x 8 matrix per block whose rows each keep ``counts[b] // 4`` connections."""
+    indices, matrices = {}, {}
+    for b, count in enumerate(counts):
+        name, c = f"blocks.{b}.fc.weight", count // 4
+        indices[name] = torch.arange(c).expand(4, c).contiguous()
+        matrices[name] = trpts.MatrixAllocation(name=name, shape=(4, 8), rows=4, fan_in=8, layer=name, block=b,
+                                                share=0.0, connections=c)
+    return trpts.Selection(indices, matrices, {})
+
+
+@given(levels=st.lists(st.integers(1, 3), min_size=1, max_size=12), data=st.data())
+def test_sparsest_blocks_take_the_fewest_and_break_ties_towards_later_blocks(levels, data):
+    counts = [4 * v for v in levels]
+    n = data.draw(st.integers(1, len(counts)))
+    selection = _selection_with_block_counts(counts)
+    for densest in (False, True):
+        chosen = selection.sparsest_blocks(n, densest=densest)
+        assert chosen == sorted(chosen) and len(set(chosen)) == n
+        key = (lambda b: -counts[b]) if densest else (lambda b: counts[b])
+        for b in chosen:
+            for other in set(range(len(counts))) - set(chosen):
+                assert key(b) < key(other) or (key(b) == key(other) and b > other)
+
+
+def test_sparse_placement_on_floor_ties_picks_the_latest_floor_blocks():
+    """At a small budget most blocks sit at eq. 4's floor and tie: the later ones are chosen."""
+    model = make_timm_vit(depth=6)
+    fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()
+              if n in trpts.default_scored_parameters(model)}
+    for n in fisher:
+        if n.startswith("blocks.5."):
+            fisher[n] *= 1000  # block 5 takes the budget above the floor
+    selection = trpts.allocate_connections(fisher, budget=0.05, model=model)
+    counts = selection.block_counts
+    assert len({counts[b] for b in range(5)}) == 1 and counts[5] > counts[0]  # blocks 0-4 tie at the floor
+    assert selection.sparsest_blocks(3) == [2, 3, 4]
+    assert selection.sparsest_blocks(2, densest=True) == [4, 5]
+    assert selection.sparsest_blocks(7, depth=7) == [0, 1, 2, 3, 4, 5, 6]  # an empty block 6 counts 0
+    assert selection.sparsest_blocks(1, depth=7) == [6]

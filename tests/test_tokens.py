@@ -209,6 +209,7 @@ def test_placements():
                 fisher[n] *= 50
     selection = trpts.allocate_connections(fisher, budget=0.1, model=model)
     assert trpts.get_token_config(trpts.wrap_vit(model, selection, num_layers=2)).layers == (0, 2)
+    assert trpts.get_token_config(model).layers == tuple(selection.sparsest_blocks(2))
     trpts.unwrap_vit(model)
     assert trpts.get_token_config(trpts.wrap_vit(model, selection, num_layers=2, placement="dense")).layers == (1, 3)
     trpts.unwrap_vit(model)

@@ -205,8 +205,8 @@ def choose_layers(depth: int, num_layers: int, selection: Selection | None, plac
     """Block indices for ``num_layers`` reducing blocks (ascending).
 
     ``"sparse"``: the blocks with the fewest selected weights (the paper's sparse insertion;
-    ties to lower index); ``"dense"``: those with the most; ``"random"``: uniformly at random
-    (``seed``). Every block is a candidate.
+    ties to the later block, see :meth:`Selection.sparsest_blocks`); ``"dense"``: those with
+    the most; ``"random"``: uniformly at random (``seed``). Every block is a candidate.
     """
     if not isinstance(num_layers, int) or not 1 <= num_layers <= depth:
         raise TrptsValueError(f"num_layers must be an integer in 1..{depth} (the model's depth), got {num_layers!r}")
@@ -216,10 +216,7 @@ def choose_layers(depth: int, num_layers: int, selection: Selection | None, plac
         raise TrptsValueError(f"placement must be 'sparse', 'dense' or 'random', got {placement!r}")
     if selection is None:
         raise TrptsValueError(f"placement={placement!r} needs a selection (or pass layers=[...])")
-    counts = {i: selection.block_counts.get(i, 0) for i in range(depth)}
-    sign = 1 if placement == "sparse" else -1
-    ranked = sorted(counts, key=lambda i: (sign * counts[i], i))
-    return sorted(ranked[:num_layers])
+    return selection.sparsest_blocks(num_layers, depth=depth, densest=placement == "dense")
 
 
 def wrap_vit(
