@@ -188,4 +188,7 @@ def test_ablations_run_at_their_base_methods_rate_without_a_grid():
     assert vtab_mini.plan(_args(seeds=1), head, [ablation]) == []  # the base's rate is not known yet
     base = [_row("a", vm.PT, lr, vm.HEAD_GRID[1], 0, v) for lr, v in zip(vm.SPARSE_GRID, (0.2, 0.6, 0.4), strict=True)]
     todo = vtab_mini.plan(_args(seeds=1), head + base, [ablation])
-    assert todo == [(t, ablation, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0) for t in ("a", "b")]
+    assert todo == [("a", ablation, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0)]  # on the grid task only
+    todo = vtab_mini.plan(_args(seeds=1), head + base, [vm.PT, ablation])
+    assert todo[0] == ("a", ablation, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0)  # before the other tasks
+    assert todo[1:] == [("b", vm.PT, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0)]
