@@ -422,7 +422,7 @@ def figure_points(args: argparse.Namespace, settings: vm.Settings, methods: list
 def _ratio(cost: dict[str, float] | None, base: dict[str, float] | None, key: str) -> str:
     if not cost or cost.get(key) is None:
         return "-"
-    text = f"{cost[key]:.3g}"
+    text = f"{cost[key]:.3g}" if cost[key] < 1000 else f"{cost[key]:,.0f}"
     return f"{text} ({cost[key] / base[key]:.2f}x)" if base and base.get(key) else text
 
 
