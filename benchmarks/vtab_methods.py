@@ -77,6 +77,7 @@ METHODS: dict[str, Method] = {
     "ablation: placement ties by Fisher share": _ablation(ties="share"),
     "ablation: placement ties to earlier blocks (the old default)": _ablation(ties="early"),
     "ablation: no patch-embedding entries": _ablation(no_patch_embed=True),
+    "ablation: Fisher x w^2 (scale-invariant scores)": _ablation(times_w2=True),
 }
 
 
@@ -221,6 +222,9 @@ def trpts_selection(model: nn.Module, run: Run) -> trpts.Selection:
                                   params=params, progress=False)
     if head_state is not None:
         model.get_classifier().load_state_dict(head_state)
+    if opts.get("times_w2"):  # F w^2 is unchanged when LayerScale's gamma is folded into W
+        named = dict(model.named_parameters())
+        fisher = {n: f * named[n].detach().float() ** 2 for n, f in fisher.items()}
     return trpts.allocate_connections(fisher, budget=opts.get("budget", run.settings.budget),
                                       unit=opts.get("unit", "matrix"), model=model)
 

@@ -192,3 +192,20 @@ def test_ablations_run_at_their_base_methods_rate_without_a_grid():
     todo = vtab_mini.plan(_args(seeds=1), head + base, [vm.PT, ablation])
     assert todo[0] == ("a", ablation, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0)  # before the other tasks
     assert todo[1:] == [("b", vm.PT, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0)]
+
+
+def test_quick_run_of_every_ablation(tmp_path):
+    ablations = [m for m, method in vm.METHODS.items() if method.base]
+    results = tmp_path / "r.jsonl"
+    done = _run("--quick", "--no-progress", "--tasks", "digits", "count", "--results", str(results),
+                "--cache-dir", str(tmp_path / "cache"), "--methods", "linear probe", vm.PT, *ablations)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["method"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(rows) == {"linear probe", vm.PT, *ablations}
+    assert all(rows[m]["task"] == "digits" and rows[m]["lr"] == rows[vm.PT]["lr"] for m in ablations)
+    trained = {m: rows[m]["trained"] for m in rows}
+    assert trained["ablation: + biases"] > trained[vm.PT]
+    assert trained["ablation: budget 0.69% (LoRA's count)"] > trained[vm.PT]
+    assert rows["ablation: rho 0.5"]["token_layers"] == rows[vm.PT]["token_layers"]
+    for m in ablations:
+        assert m in done.stdout
