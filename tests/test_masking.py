@@ -325,6 +325,17 @@ def test_head_lr_on_a_model_without_adapter_says_what_to_do():
     handle.remove()
 
 
+def test_head_lr_after_the_model_is_gone_says_so():
+    import gc
+
+    model = make_timm_vit()
+    handle = trpts.apply_masks(model, _select(model))
+    del model
+    gc.collect()
+    with pytest.raises(trpts.TrptsRuntimeError, match="no longer exists"):
+        handle.param_groups(lr=1e-4, head_lr=1e-2)
+
+
 def _adamw_first_two_steps(family, storage, **group_options):
     """A real AdamW run: (max |change| of the head, of the selected entries) after step 1,
     the parameters before, the model and its handle after step 2."""
