@@ -207,7 +207,7 @@ def head_rate(rows: list[dict[str, Any]], args: argparse.Namespace) -> float | N
 def plan(args: argparse.Namespace, rows: list[dict[str, Any]],
          methods: list[str]) -> list[tuple[str, str, float, float, int]]:
     """Runs still to do, in order: learning-rate grids on the grid tasks, then each seed:
-    ablations (diagnostics, on the grid tasks only) and every other method on every task."""
+    ablations (diagnostics, on the grid tasks only), then task by task every other method."""
     head_lr = head_rate(rows, args)
     done = {run_id(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"]) for r in rows}
     todo: list[tuple[str, str, float, float, int]] = []
@@ -221,10 +221,14 @@ def plan(args: argparse.Namespace, rows: list[dict[str, Any]],
             todo += [(t, m, lr, head_of(m, lr), 0) for lr in grid for t in args.grid_tasks]
     ablations = [m for m in methods if vm.METHODS[m].base]
     for seed in range(args.seeds):  # seeds at the chosen rates; ablations on the grid tasks, first
-        for m in [*ablations, *(m for m in methods if m not in ablations)]:
-            lr = rate(rows, m, args, head_lr)
-            if lr is not None and head_of(m, lr) is not None:
-                todo += [(t, m, lr, head_of(m, lr), seed) for t in (args.grid_tasks if m in ablations else args.tasks)]
+        for m in ablations:
+            if (lr := rate(rows, m, args, head_lr)) is not None:
+                todo += [(t, m, lr, head_lr, seed) for t in args.grid_tasks]
+        for t in args.tasks:  # task by task, so every finished task compares all methods
+            for m in methods:
+                lr = rate(rows, m, args, head_lr)
+                if m not in ablations and lr is not None and head_of(m, lr) is not None:
+                    todo.append((t, m, lr, head_of(m, lr), seed))
     seen: set[tuple[Any, ...]] = set()
     out = []
     for spec in todo:

@@ -113,8 +113,8 @@ def test_plan_picks_rates_on_validation_in_order():
     rows += [_row(*spec[:5], v) for v, spec in zip((0.1, 0.3, 0.2), grid, strict=True)]
     todo = vtab_mini.plan(_args(), rows, methods)
     lr = vm.SPARSE_GRID[1]
-    assert ("b", "TR-PTS params", lr, best, 0) in todo and ("a", "TR-PTS params", lr, best, 1) in todo
-    assert all(spec[4] in (0, 1) for spec in todo)
+    lp, tr = ("linear probe", best, best), ("TR-PTS params", lr, best)
+    assert todo == [("b", *lp, 0), ("b", *tr, 0), ("a", *lp, 1), ("a", *tr, 1), ("b", *lp, 1), ("b", *tr, 1)]
 
 
 def test_a_grid_grows_past_the_edge_its_best_rate_sits_on():
