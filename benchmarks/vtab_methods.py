@@ -369,6 +369,11 @@ def _peak_rss_mib(reset: bool = False) -> float | None:
         return None
 
 
+def _sig(seconds: float) -> float:
+    """Seconds to 4 significant digits: a quick run's few milliseconds stay above zero."""
+    return float(f"{seconds:.4g}")
+
+
 def execute(run: Run) -> dict[str, Any]:
     """Set up, train and evaluate one run; accuracies, trained values, seconds and peak memory
     (CUDA: ``max_memory_allocated``; CPU: peak RSS of the training phase alone), and the
@@ -399,6 +404,6 @@ def execute(run: Run) -> dict[str, Any]:
         val, test = accuracy(model, run.task["val"]), accuracy(model, run.task["test"])
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
-    return {"val": val, "test": test, "trained": int(trained), "total": int(total), "setup_s": round(setup_s, 2),
-            "train_s": round(train_s, 2), "peak_mib": None if peak is None else round(peak, 1),
+    return {"val": val, "test": test, "trained": int(trained), "total": int(total), "setup_s": _sig(setup_s),
+            "train_s": _sig(train_s), "peak_mib": None if peak is None else round(peak, 1),
             "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads(), **info}
