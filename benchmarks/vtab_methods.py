@@ -67,6 +67,11 @@ METHODS: dict[str, Method] = {
     "TR-PTS tokens only": Method("tokens", HEAD_GRID, {"placement": "sparse"}),
     "TR-PTS params + tokens (dense)": Method("trpts", SPARSE_GRID, {"placement": "dense"}),
     "TR-PTS params + tokens (random)": Method("trpts", SPARSE_GRID, {"placement": "random"}),
+    # variants with their own grid (run when named with --methods): eq. 4 tempered, C_l ~ w_l^p
+    "TR-PTS params + tokens (share_power 0.5)": Method("trpts", SPARSE_GRID, {"placement": "sparse",
+                                                                             "share_power": 0.5}),
+    "TR-PTS params + tokens (share_power 0)": Method("trpts", SPARSE_GRID, {"placement": "sparse",
+                                                                           "share_power": 0.0}),
     # ablations (run when named with --methods): one setting changed from PT, at PT's rate
     "ablation: + biases": _ablation(biases=True),
     "ablation: Fisher after a linear-probe head": _ablation(probe_head=True),
@@ -226,7 +231,8 @@ def trpts_selection(model: nn.Module, run: Run) -> trpts.Selection:
         named = dict(model.named_parameters())
         fisher = {n: f * named[n].detach().float() ** 2 for n, f in fisher.items()}
     return trpts.allocate_connections(fisher, budget=opts.get("budget", run.settings.budget),
-                                      unit=opts.get("unit", "matrix"), model=model)
+                                      unit=opts.get("unit", "matrix"), share_power=opts.get("share_power", 1.0),
+                                      model=model)
 
 
 def sparse_layers(selection: trpts.Selection, n: int, ties: str) -> list[int]:

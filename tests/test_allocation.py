@@ -50,10 +50,11 @@ def reference_shares(fisher, top_percent):
     return {name: c / k for name, c in zip(fisher, counts, strict=True)}, k
 
 
-def reference_connections(scale, shares, k, fan_ins):
-    """Eq. 4; a layer with no top-M entry counts as holding one (w = 1/k)."""
+def reference_connections(scale, shares, k, fan_ins, power=1.0):
+    """Eq. 4 (tempered: the ratio to the power ``power``); a layer with no top-M entry counts
+    as holding one (w = 1/k)."""
     wmin = max(min(shares.values()), 1 / k)
-    return {n: min(max(1, math.floor(scale * max(w, 1 / k) / wmin + 0.5)), fan_ins[n])
+    return {n: min(max(1, math.floor(scale * (max(w, 1 / k) / wmin) ** power + 0.5)), fan_ins[n])
             for n, w in shares.items()}
 
 
@@ -84,6 +85,33 @@ def test_rows_caps_and_eq4_proportions(fisher, top_percent, c_min):
     expected = reference_connections(c_min, shares, k, fan_ins)
     assert {n: m.connections for n, m in selection.matrices.items()} == expected
     assert selection.num_selected == sum(selection[n].sum().item() for n in selection)
+
+
+@given(fisher=fisher_dicts(), top_percent=top_percents, c_min=st.sampled_from([0.5, 1, 2, 3.7]),
+       power=st.sampled_from([0.0, 0.25, 0.5, 2.0]))
+def test_share_power_tempers_eq4_and_zero_is_uniform(fisher, top_percent, c_min, power):
+    selection = trpts.allocate_connections(fisher, top_percent=top_percent, c_min=c_min, share_power=power)
+    check_rows(fisher, selection)
+    shares, k = reference_shares(fisher, top_percent)
+    fan_ins = {n: m.fan_in for n, m in selection.matrices.items()}
+    assert {n: m.connections for n, m in selection.matrices.items()} == reference_connections(
+        c_min, shares, k, fan_ins, power)
+    assert selection.config["share_power"] == power
+    if power == 0:  # GPS's uniform K: the same C everywhere the fan-in allows
+        uniform = max(1, math.floor(c_min + 0.5))
+        assert all(m.connections == min(uniform, m.fan_in) for m in selection.matrices.values())
+
+
+def test_share_power_one_is_the_default_and_the_budget_still_holds():
+    g = torch.Generator().manual_seed(0)
+    fisher = {f"blocks.{i}.w.weight": torch.rand(8, 16, generator=g) * (i + 1) ** 3 for i in range(4)}
+    paper = trpts.allocate_connections(fisher, budget=0.25)
+    assert trpts.allocate_connections(fisher, budget=0.25, share_power=1.0).to_config() == paper.to_config()
+    flat = trpts.allocate_connections(fisher, budget=0.25, share_power=0.0)
+    assert len({m.connections for m in flat.matrices.values()}) == 1  # uniform: 4 of 16 everywhere
+    assert flat.num_selected == paper.num_selected == 128
+    spread = [m.connections for m in paper.matrices.values()]
+    assert spread == sorted(spread) and spread[0] < spread[-1]  # eq. 4 follows the shares
 
 
 @given(fisher=fisher_dicts(), top_percent=top_percents, budget=st.floats(0.001, 1.0))
@@ -212,6 +240,9 @@ def test_budget_below_minimum_warns_and_gives_one_per_neuron():
     ({"w": torch.ones(2, 2)}, {"budget": 0.5, "c_min": 1}, ValueError, "not both"),
     ({"w": torch.ones(2, 2)}, {"c_min": 0}, ValueError, "c_min"),
     ({"w": torch.ones(2, 2)}, {"unit": "layer"}, ValueError, "unit"),
+    ({"w": torch.ones(2, 2)}, {"share_power": -0.5}, ValueError, "share_power"),
+    ({"w": torch.ones(2, 2)}, {"share_power": float("nan")}, ValueError, "share_power"),
+    ({"w": torch.ones(2, 2)}, {"share_power": True}, ValueError, "share_power"),
 ])
 def test_bad_input(bad, kwargs, exc, match):
     with pytest.raises(exc, match=match) as info:

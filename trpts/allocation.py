@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ._utils import canonical_name, fmt_count, unwrap_model
 from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError, TrptsWarning
-from .models import block_index_from_name, find_adapter
+from .models import GENERIC, block_index_from_name, find_adapter
 
 __all__ = ["MatrixAllocation", "Selection", "allocate_connections"]
 
@@ -339,6 +339,7 @@ def allocate_connections(
     c_min: float | None = None,
     budget: float | None = None,
     unit: Unit = "matrix",
+    share_power: float = 1.0,
     model: nn.Module | None = None,
 ) -> Selection:
     """Choose the trainable connections from Fisher scores (paper eq. 3-5).
@@ -355,6 +356,10 @@ def allocate_connections(
         unit: what a "layer" is: ``"matrix"`` (each weight tensor; default) or ``"block"``
             (all weights of a transformer block share one ``w_l`` and ``C_l``; weights
             outside the blocks stay their own layer).
+        share_power: exponent p on eq. 4's ratio, ``C_l = C_min * (w_l / min w) ** p``;
+            ``>= 0``. 1 is the paper's eq. 4; 0 gives every weight the same ``C`` (GPS's
+            uniform K, with Fisher scores choosing the entries); between them, a tempered
+            allocation. Eq. 3's shares and eq. 5's per-neuron top-C are unchanged.
         model: optional; when given, names are checked against it and blocks are found by
             module identity instead of by name.
 
@@ -373,6 +378,10 @@ def allocate_connections(
         raise TrptsValueError(f"c_min must be > 0, got {c_min!r}")
     if unit not in ("matrix", "block"):
         raise TrptsValueError(f"unit must be 'matrix' or 'block', got {unit!r}")
+    if not (isinstance(share_power, (int, float)) and not isinstance(share_power, bool)
+            and math.isfinite(share_power) and share_power >= 0):
+        raise TrptsValueError(f"share_power must be a finite number >= 0 (1 = eq. 4, 0 = uniform), "
+                              f"got {share_power!r}")
 
     scores, shapes = _validate_scores(fisher)
     blocks = _block_map(scores, model)
@@ -393,7 +402,7 @@ def allocate_connections(
     # and exactly eq. 4 whenever every layer holds at least one.
     floor_count = max(1, min(layer_counts.values()))
     names = list(scores)
-    ratios = [max(layer_counts[layer_of[n]], 1) / floor_count for n in names]
+    ratios = [(max(layer_counts[layer_of[n]], 1) / floor_count) ** share_power for n in names]
     fan_ins = [scores[n].shape[1] for n in names]
     rows = [scores[n].shape[0] for n in names]
     if budget is not None:
@@ -410,7 +419,7 @@ def allocate_connections(
                                        fan_in=scores[n].shape[1], layer=layer_of[n],
                                        block=blocks[n], share=shares[layer_of[n]], connections=c)
     selection = Selection(selection_tensors, matrices, {
-        "top_percent": float(top_percent), "unit": unit, "scale": scale,
+        "top_percent": float(top_percent), "unit": unit, "scale": scale, "share_power": float(share_power),
         "budget": None if budget is None else float(budget),
     })
     if budget is not None and budget * total_entries < sum(rows):
@@ -439,5 +448,5 @@ def _block_map(scores: Mapping[str, Tensor], model: nn.Module | None) -> dict[st
                 f"{tuple(named[n].shape)}"
             )
     adapter = find_adapter(base)
-    index = adapter.block_index(base) if adapter is not None else {}
+    index = (adapter or GENERIC).block_index(base)
     return {n: index.get(n, block_index_from_name(n) if adapter is None else None) for n in scores}
