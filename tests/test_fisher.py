@@ -179,10 +179,13 @@ def test_bad_input(timm_vit, batches):
         trpts.compute_fisher(timm_vit, batches, params="head.weight", progress=False)
     with pytest.raises(trpts.TrptsValueError, match="num_batches"):
         trpts.compute_fisher(timm_vit, batches, num_batches=0, progress=False)
-    with pytest.raises(trpts.UnsupportedModelError):
-        trpts.compute_fisher(nn.Linear(3, 2), [(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))],
+    with pytest.raises(trpts.TrptsValueError, match="params=") as info:  # nothing to score by default
+        trpts.compute_fisher(nn.Conv1d(3, 2, 1), [(torch.zeros(1, 3, 4), torch.zeros(1, dtype=torch.long))],
                              progress=False)
-    # any module works with explicit names
+    assert "Conv1d" in str(info.value)
+    # any module works: every nn.Linear weight by default, or explicit names
+    assert list(trpts.compute_fisher(nn.Linear(3, 2), [(torch.ones(2, 3), torch.tensor([0, 1]))],
+                                     progress=False)) == ["weight"]
     fisher = trpts.compute_fisher(nn.Linear(3, 2), [(torch.ones(2, 3), torch.tensor([0, 1]))],
                                   params=["weight"], progress=False)
     assert fisher["weight"].shape == (2, 3)

@@ -166,15 +166,20 @@ def test_failed_calls_leave_the_model_untouched():
     handle.remove()
 
 
-def test_unsupported_model_needs_train_head_false():
+def test_a_model_without_a_conventional_head_names_it_or_passes_train_head_false():
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     fisher = trpts.compute_fisher(model, [(torch.randn(8, 6), torch.randint(0, 2, (8,)))],
                                   params=["0.weight"], progress=False)
     selection = trpts.allocate_connections(fisher, c_min=2)
-    with pytest.raises(trpts.UnsupportedModelError, match="train_head=False"):
+    with pytest.raises(trpts.TrptsValueError, match="train_head=False") as info:  # no head by convention
         trpts.apply_masks(model, selection)
+    assert "extra_trainable" in str(info.value) and isinstance(info.value, ValueError)
+    assert all(p.requires_grad for p in model.parameters())
     handle = trpts.apply_masks(model, selection, train_head=False, extra_trainable=["2.weight", "2.bias"])
     assert set(handle.full) == {"2.weight", "2.bias"} and set(handle.masked) == {"0.weight"}
+    handle.remove()
+    named = trpts.apply_masks(model, selection, extra_trainable=["2.weight", "2.bias"])  # the head, named
+    assert set(named.full) == {"2.weight", "2.bias"}
 
 
 def test_torch_compile_matches_eager():

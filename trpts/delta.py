@@ -31,7 +31,7 @@ from .errors import (
     TrptsValueError,
 )
 from .masking import MaskHandle, get_mask_handle
-from .models import find_adapter
+from .models import GENERIC, get_adapter
 from .tokens import TokenConfig, apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
@@ -64,10 +64,7 @@ def _architecture(model: nn.Module) -> str:
 
 
 def _head_paths(model: nn.Module) -> list[str]:
-    adapter = find_adapter(model)
-    if adapter is None:
-        return []
-    ids = {id(h) for h in adapter.heads(model)}
+    ids = {id(h) for h in get_adapter(model).heads(model)}
     return [n for n, m in model.named_modules() if id(m) in ids]
 
 
@@ -104,8 +101,8 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
     selection = handle.selection
     params = dict(base.named_parameters())
     heads = _head_paths(base)
-    adapter = find_adapter(base)
-    canon = adapter.canonical_name if adapter else str  # layout-independent names in the file
+    adapter = get_adapter(base)
+    canon = adapter.canonical_name  # layout-independent names in the file
     tensors: dict[str, Tensor] = {}
     matrices: dict[str, Any] = {}
     for m, info in selection.matrices.items():
@@ -124,7 +121,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "format_version": FORMAT_VERSION,
         "trpts_version": _version(),
         "name": name or Path(path).stem,
-        "family": adapter.family if adapter else None,
+        "family": adapter.family,
         "architecture": _architecture(base),
         "matrices": matrices,
         "full": {canon(n): list(p.shape) for n, p in full.items()},
@@ -381,12 +378,12 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
         raise TrptsValueError(f"a delta named {name!r} is already loaded; pass another name= "
                               f"(loaded: {list(existing.tasks)})")
     params = dict(base.named_parameters())
-    adapter = find_adapter(base)
-    family = adapter.family if adapter else None
-    if meta.get("family") != family:
+    adapter = get_adapter(base)
+    family = adapter.family
+    if (meta.get("family") or GENERIC.family) != family:  # files before 0.2 stored None for generic
         raise TrptsValueError(f"{path} was trained on a {meta.get('family')} model ({meta.get('architecture')}); "
                               f"this model is {family} ({_architecture(base)})")
-    local = {n: adapter.local_name(n, base) if adapter else n for n in (*meta["matrices"], *meta["full"])}
+    local = {n: adapter.local_name(n, base) for n in (*meta["matrices"], *meta["full"])}
     for m, info in meta["matrices"].items():
         if local[m] not in params:
             raise TrptsValueError(f"{path} holds {m!r}, which this model ({_architecture(base)}) does not have: "
@@ -408,9 +405,9 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             raise TrptsValueError(f"{path} replaces the head {h!r}, which this model does not have")
     token_config = meta.get("tokens") if tokens else None
     if token_config:
-        if adapter is None:
-            raise TrptsValueError("the delta was trained with token selection, which needs a supported family; "
-                                  "pass tokens=False")
+        if not adapter.supports_tokens:
+            raise TrptsValueError(f"the delta was trained with token selection, which the {adapter.family} "
+                                  "adapter does not support; pass tokens=False")
         adapter.check_token_support(base)
         blocks = adapter.blocks(base)
         for i in token_config["layers"]:

@@ -22,15 +22,16 @@ from .models import get_adapter
 
 __all__ = ["compute_fisher", "default_scored_parameters"]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Any, Tensor], Tensor]
 ParamSelector = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
 
 _VMAP_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 def default_scored_parameters(model: nn.Module) -> list[str]:
-    """Names scored by default: the weight of every ``nn.Linear`` inside the transformer
-    blocks and the patch-embedding projection's weight (canonical names, model order)."""
+    """Names scored by default (model order): for a known family, the weight of every
+    ``nn.Linear`` inside the transformer blocks and the patch-embedding projection's weight;
+    for any other module, every ``nn.Linear`` weight except the classification head's."""
     base = unwrap_model(model)
     return get_adapter(base).scored_parameters(base)
 
@@ -41,8 +42,8 @@ def _resolve_params(base: nn.Module, params: ParamSelector) -> dict[str, nn.Para
         names = get_adapter(base).scored_parameters(base)
         if not names:
             raise TrptsValueError(
-                "the model has no nn.Linear weights inside its transformer blocks and no "
-                "patch-embedding projection to score; pass params=[...] explicitly"
+                f"{type(base).__name__} has no weights to score by default (nn.Linear layers outside "
+                "the head, or a known family's blocks and patch embedding); pass params=[...] explicitly"
             )
     elif callable(params):
         names = [n for n, p in named.items() if params(n, p)]
@@ -93,6 +94,11 @@ def _logits(output: Any) -> Tensor:
     )
 
 
+def _default_loss(output: Any, targets: Tensor) -> Tensor:
+    """Cross-entropy on the model's logits."""
+    return F.cross_entropy(_logits(output), targets)
+
+
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
 
@@ -134,12 +140,15 @@ def compute_fisher(
     """Diagonal empirical Fisher scores of the model's parameters on ``data`` (paper eq. 2).
 
     Args:
-        model: a timm / Hugging Face ViT (optionally wrapped in DDP or ``torch.compile``)
-            or, with explicit ``params``, any module. Left exactly as it was found.
+        model: any ``nn.Module`` (optionally wrapped in DDP or ``torch.compile``): a timm /
+            Hugging Face ViT, a bare backbone, or a model trpts has no adapter for. Left
+            exactly as it was found.
         data: iterable of ``(inputs, targets)`` tuples or of dicts with ``pixel_values``
             and ``labels``; inputs ``(B, C, H, W)``, targets ``(B,)`` int64.
-        loss_fn: ``loss_fn(logits, targets) -> scalar`` averaged over the batch.
-            Default: cross-entropy.
+        loss_fn: ``loss_fn(output, targets) -> scalar`` averaged over the batch, where
+            ``output`` is what the model returns, unchanged (a tensor, a Hugging Face
+            ``ModelOutput`` such as a bare ``Dinov2Model``'s, a tuple). Default: cross-entropy
+            on the logits (the output itself, its ``.logits``, or its first element).
         num_batches: stop after this many batches (default: the whole iterable).
         per_sample: exact mode; squares each sample's gradient (``torch.func.vmap``,
             ``chunk_size`` samples at a time). Default: the microbatch estimate, which
@@ -148,9 +157,10 @@ def compute_fisher(
             ``mu`` and variance ``s^2`` its expectation is ``s^2 + n mu^2`` where the exact
             Fisher is ``s^2 + mu^2``: identical for ``n = 1``, and ranking-equivalent when
             the gradient noise dominates the mean (as it does for a pretrained model).
-        params: which parameters to score: ``None`` (the weights of every ``nn.Linear``
-            inside the blocks plus the patch-embedding projection), an iterable of names,
-            or a predicate ``(name, param) -> bool``.
+        params: which parameters to score: ``None`` (a known family: the weights of every
+            ``nn.Linear`` inside the blocks plus the patch-embedding projection; any other
+            model: every ``nn.Linear`` weight but the head's), an iterable of names, or a
+            predicate ``(name, param) -> bool``.
         train_mode: score in training mode (dropout / drop-path active). Default: eval mode.
         chunk_size: samples per vmap call in ``per_sample`` mode (memory ~ chunk x params).
         progress: show a tqdm progress bar.
@@ -168,7 +178,7 @@ def compute_fisher(
         raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     base = unwrap_model(model)
     scored = _resolve_params(base, params)
-    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    loss_fn = loss_fn if loss_fn is not None else _default_loss
     device = next(iter(scored.values())).device
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in scored.items()}
     count = 0
@@ -193,7 +203,7 @@ def compute_fisher(
             if per_sample:
                 _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode)
             else:
-                loss = loss_fn(_logits(base(inputs)), targets)
+                loss = loss_fn(base(inputs), targets)
                 grads = torch.autograd.grad(loss, list(scored.values()), allow_unused=True)
                 for (name, _), g in zip(scored.items(), grads, strict=True):
                     if g is not None:
@@ -242,7 +252,7 @@ def _accumulate_per_sample(
 
     def sample_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(base, (weights, frozen), (x.unsqueeze(0),))
-        return loss_fn(_logits(out), y.unsqueeze(0))
+        return loss_fn(out, y.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0),
                            randomness="different" if train_mode else "error")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._utils import unwrap_model
 from .errors import TrptsValueError
-from .models import get_adapter
+from .models import get_token_adapter
 from .tokens import TokenSelectMerge, get_token_config
 
 __all__ = ["count_flops", "token_counts"]
@@ -39,7 +39,7 @@ def token_counts(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int,
     """``(tokens in, tokens after the block's reduction)`` for every block, for one image of
     ``input_size = (B, C, H, W)`` or ``(C, H, W)``."""
     base = unwrap_model(model)
-    adapter = get_adapter(base)
+    adapter = get_token_adapter(base)
     height, width = int(input_size[-2]), int(input_size[-1])
     n = _patches(adapter.patch_embedding(base), height, width) + adapter.num_prefix_tokens(base)
     config = get_token_config(base)
@@ -63,7 +63,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
         raise TrptsValueError(f"input_size must be (B, C, H, W) or (C, H, W), got {tuple(input_size)}")
     batch = int(input_size[0]) if len(input_size) == 4 else 1
     base = unwrap_model(model)
-    adapter = get_adapter(base)
+    adapter = get_token_adapter(base)
     blocks = list(adapter.blocks(base))
     patch = adapter.patch_embedding(base)
     height, width = int(input_size[-2]), int(input_size[-1])

@@ -32,7 +32,7 @@ from .errors import (
     TrptsValueError,
     WeightDecayError,
 )
-from .models import find_adapter, get_adapter
+from .models import get_adapter
 from .sparse import SparseStorage, check_sparse_module
 
 __all__ = ["MaskHandle", "SparseMaskHandle", "Storage", "apply_masks", "get_mask_handle"]
@@ -191,13 +191,12 @@ class MaskHandle:
         model = self._model_ref()
         if model is None:
             raise TrptsRuntimeError("head_lr needs the handle's model, which no longer exists")
-        adapter = find_adapter(model)
-        names = adapter.head_parameters(model) if adapter is not None else []
+        names = get_adapter(model).head_parameters(model)
         head = {id(self.full[n]) for n in names if n in self.full}
         if not head:
             raise TrptsValueError(
                 "head_lr was given but this handle trains no classification-head parameter "
-                "(apply_masks(..., train_head=False), or a model without a trpts adapter); drop "
+                "(apply_masks(..., train_head=False), or a model whose head trpts cannot find); drop "
                 "head_lr, or apply_masks with train_head=True"
             )
         return head
@@ -350,7 +349,11 @@ def apply_masks(
     Args:
         model: the model the selection was made for (optionally already compiled).
         selection: from :func:`trpts.allocate_connections`.
-        train_head: keep the classification head (new per task) fully trainable.
+        train_head: keep the classification head (new per task) fully trainable. The head is
+            the family adapter's, or on any other model the first found of timm's
+            ``get_classifier()``, Hugging Face's ``classifier`` / ``get_output_embeddings()``,
+            a top-level ``head`` / ``fc``; when there is none, name it in
+            ``extra_trainable`` or pass ``train_head=False`` (a bare backbone).
         train_biases: also train the biases of the masked weights' modules (GPS does).
             Default off: only the selected entries and the head change.
         extra_trainable: names of further parameters to train fully (e.g. a custom head).
@@ -409,11 +412,15 @@ def apply_masks(
                 frozen[name] = (~selection[name]).to(p.device)
         base_values[name] = p.detach().reshape(-1)[selection.flat_indices(name).to(p.device)].clone()
     if train_head:
-        try:
-            adapter = get_adapter(base)
-        except TypeError as err:
-            raise type(err)(f"{err}\n(or pass train_head=False)") from None
-        for name in adapter.head_parameters(base):
+        head_names = get_adapter(base).head_parameters(base)
+        if not head_names and not extra_trainable:
+            raise TrptsValueError(
+                f"train_head=True but trpts finds no classification head on {type(base).__name__} "
+                "(it looks for timm's get_classifier(), Hugging Face's classifier / "
+                "get_output_embeddings(), or a top-level head / fc with parameters). Name your head's "
+                "parameters with extra_trainable=[...], or pass train_head=False for a bare backbone"
+            )
+        for name in head_names:
             full.setdefault(name, named[name])
     if train_biases:
         for name in masked:

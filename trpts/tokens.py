@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from ._utils import unwrap_model
 from .allocation import Selection
 from .errors import TrptsRuntimeError, TrptsTypeError, TrptsValueError
-from .models import get_adapter
+from .models import get_adapter, get_token_adapter
 
 __all__ = [
     "TokenConfig",
@@ -256,7 +256,7 @@ def wrap_vit(
     base = unwrap_model(model)
     if get_token_config(base) is not None:
         raise TrptsRuntimeError("the model is already wrapped; call trpts.unwrap_vit(model) first")
-    adapter = get_adapter(base)
+    adapter = get_token_adapter(base)
     adapter.check_token_support(base)
     blocks = list(adapter.blocks(base))
     depth = len(blocks)

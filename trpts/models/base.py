@@ -22,6 +22,16 @@ from ..errors import UnsupportedModelError
 BlockForward = Callable[..., Any]
 
 
+def pool_linear_weights(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` plus the weights of every ``nn.Linear`` in ``model.attn_pool`` (model order)."""
+    pool = getattr(model, "attn_pool", None)
+    if not isinstance(pool, nn.Module):
+        return names
+    extra = {id(m.weight) for m in pool.modules() if isinstance(m, nn.Linear)}
+    keep = set(names)
+    return [n for n, p in model.named_parameters() if n in keep or id(p) in extra]
+
+
 class ModelAdapter(ABC):
     """Model-family knowledge behind one small interface (one subclass per family file)."""
 
@@ -32,6 +42,8 @@ class ModelAdapter(ABC):
     #: Matches a canonical parameter name of this family; group 1 is the block index.
     #: Only used when no model is at hand (e.g. ``allocate_connections`` on a plain dict).
     block_name_pattern: ClassVar[re.Pattern[str]]
+    #: Whether the token-selection methods below are implemented (``wrap_vit``).
+    supports_tokens: ClassVar[bool] = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:

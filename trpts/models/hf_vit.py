@@ -70,6 +70,7 @@ def _rename(name: str, to_new: bool) -> str:
 class HFViTAdapter(ModelAdapter):
     family = "hf-vit"
     description = "Hugging Face ViTModel / ViTForImageClassification (transformers 4.x and 5.x layouts)"
+    supports_tokens = True
     block_name_pattern = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")
 
     _CLASSES = ("ViTModel", "ViTForImageClassification")

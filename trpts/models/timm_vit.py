@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from .base import BlockForward, ModelAdapter
+from .base import BlockForward, ModelAdapter, pool_linear_weights
 
 
 def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None,
@@ -25,6 +25,7 @@ def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None
 class TimmViTAdapter(ModelAdapter):
     family = "timm-vit"
     description = "timm VisionTransformer (ViT, DeiT, DeiT distilled; CLS/register tokens, LayerScale, qk_norm)"
+    supports_tokens = True
     block_name_pattern = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
     def matches(self, model: nn.Module) -> bool:
@@ -39,6 +40,10 @@ class TimmViTAdapter(ModelAdapter):
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return getattr(model.patch_embed, "proj", None)
+
+    def scored_parameters(self, model: nn.Module) -> list[str]:
+        # SigLIP-style attention pooling (global_pool='map') is pretrained: its linears are scored
+        return pool_linear_weights(model, super().scored_parameters(model))
 
     def check_token_support(self, model: nn.Module) -> None:
         if getattr(model, "cls_token", None) is None:
