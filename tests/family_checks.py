@@ -17,9 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 
 import trpts
+from trpts._utils import unwrap_model
 
 Factory = Callable[[], nn.Module]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+#: What the tests of this session verified: ``{family: {model class: {feature, ...}}}``. The
+#: compatibility matrix in docs/models.md and the README is generated from it (see conftest.py).
+COVERED: dict[str, dict[str, set[str]]] = {}
+FEATURES = ("Fisher", "allocation", "hooks", "sparse storage", "deltas", "token selection", "torch.compile", "DDP")
+
+
+def record(model: nn.Module, *features: str) -> None:
+    """Note that a test verified ``features`` on ``model``'s family and class."""
+    assert set(features) <= set(FEATURES), features
+    family = trpts.models.get_adapter(model).family
+    COVERED.setdefault(family, {}).setdefault(type(unwrap_model(model)).__name__, set()).update(features)
+
+
+def matrix_markdown() -> str:
+    """The compatibility matrix of :data:`COVERED`: one row per family, its tested classes."""
+    lines = ["| family | classes tested | " + " | ".join(FEATURES) + " |", "|---|---|" + "---|" * len(FEATURES)]
+    for family in sorted(COVERED):
+        classes = COVERED[family]
+        cells = []
+        for f in FEATURES:
+            having = sorted(c for c, feats in classes.items() if f in feats)
+            cells.append("yes" if len(having) == len(classes) else ", ".join(having) if having else "-")
+        lines.append(f"| `{family}` | {', '.join(f'`{c}`' for c in sorted(classes))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def output_tensor(out: Any) -> torch.Tensor:
@@ -98,6 +124,7 @@ def check_family(make: Factory, family: str, *, tmp_path: Path, loss_fn: LossFn 
         with torch.no_grad():
             assert torch.equal(output_tensor(fresh.eval()(x)), output_tensor(tuned.eval()(x))), storage
         handle.remove()
+    record(model, "Fisher", "allocation", "hooks", "sparse storage", "deltas")
     if other is not None:  # another family's delta is refused before anything changes
         alien = other()
         alien_fisher = trpts.compute_fisher(alien, batches(n=1, img=img), progress=False,
@@ -134,3 +161,4 @@ def check_tokens(make: Factory, *, img: int = 16) -> None:
         alone = torch.cat([output_tensor(model(x[i:i + 1])) for i in range(len(x))])
     assert together.shape == alone.shape
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    record(model, "token selection")

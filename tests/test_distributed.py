@@ -71,3 +71,6 @@ def test_two_process_gloo_ddp(tmp_path, storage):
     single = trpts.compute_fisher(make_timm_vit(), union, progress=False)
     for n in single:
         torch.testing.assert_close(r0["fisher"][n], single[n], rtol=1e-5, atol=1e-12)
+    from family_checks import record
+
+    record(make_timm_vit(), "DDP")

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
+from family_checks import record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,6 +197,7 @@ def test_torch_compile_matches_eager():
         results.append(_snapshot(model))
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5)
+    record(model, "torch.compile")
 
 
 def test_dropped_model_and_handle_are_freed():

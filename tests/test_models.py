@@ -46,10 +46,10 @@ def test_hf_vit_adapter_layout_and_blocks():
     assert get_adapter(make_hf_vit(classifier=False)).head_parameters(make_hf_vit(classifier=False)) == []
 
 
-def test_block_index_from_name_covers_both_hf_layouts():
+def test_block_index_from_name_covers_the_families():
     assert block_index_from_name("blocks.3.attn.qkv.weight") == 3
     assert block_index_from_name("vit.layers.7.mlp.fc1.weight") == 7
-    assert block_index_from_name("vit.encoder.layer.11.attention.attention.query.weight") == 11
+    assert block_index_from_name("dinov2.encoder.layer.11.attention.attention.query.weight") == 11
     assert block_index_from_name("patch_embed.proj.weight") is None
 
 
@@ -58,20 +58,3 @@ def test_wrappers_are_unwrapped():
     compiled = torch.compile(model)
     assert find_adapter(compiled) is not None
     assert trpts.default_scored_parameters(compiled) == trpts.default_scored_parameters(model)
-
-
-def test_hf_names_map_between_layouts_for_every_parameter():
-    from trpts.models.hf_vit import _rename
-
-    model = make_hf_vit(depth=2)
-    adapter = get_adapter(model)
-    for name, _ in model.named_parameters():
-        old = _rename(name, to_new=False)
-        assert adapter.canonical_name(old) == name  # 4.x-5.8 names map to the 5.9+ ones
-        assert adapter.local_name(name, model) == name  # this model has the 5.9+ layout
-    assert _rename("vit.layers.0.attention.q_proj.weight", to_new=False) == \
-        "vit.encoder.layer.0.attention.attention.query.weight"
-    assert _rename("vit.layers.1.mlp.fc2.bias", to_new=False) == "vit.encoder.layer.1.output.dense.bias"
-    assert _rename("vit.layers.1.attention.o_proj.weight", to_new=False) == \
-        "vit.encoder.layer.1.attention.output.dense.weight"
-    assert _rename("encoder.layer.2.intermediate.dense.bias", to_new=True) == "layers.2.mlp.fc1.bias"  # ViTModel

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import IMG, MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
+from family_checks import record
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -296,6 +297,7 @@ def test_torch_compile_matches_eager():
     _train(compiled, h2, batches)
     for name in h1.values:
         torch.testing.assert_close(h2.values[name], h1.values[name], rtol=1e-5, atol=1e-6)
+    record(eager, "torch.compile")
 
 
 def test_with_token_selection():

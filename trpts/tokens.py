@@ -232,9 +232,11 @@ def wrap_vit(
     """Patch ``model`` in place so chosen blocks keep their top tokens and merge the rest.
 
     Args:
-        model: timm ``VisionTransformer`` (``global_pool='token'``; DeiT distilled; register
-            tokens; LayerScale; qk_norm) or Hugging Face ``ViTModel`` /
-            ``ViTForImageClassification``; DDP / compile wrappers are looked through.
+        model: a [CLS]-pooled ViT whose family adapter supports tokens: timm
+            ``VisionTransformer`` (``global_pool='token'``; DeiT distilled; register tokens;
+            LayerScale; qk_norm), Hugging Face ViT, DeiT (with teacher too), bare DINOv2 (with
+            registers too) and CLIP vision (docs/models.md); DDP / compile wrappers are looked
+            through. Other models raise :class:`~trpts.UnsupportedModelError` saying why.
         selection: a :class:`~trpts.Selection` for ``placement="sparse"`` / ``"dense"``.
         rho: select rate in ``(0, 1]`` (eq. 9).
         layers: explicit reducing block indices (overrides ``num_layers``/``placement``).

@@ -13,6 +13,11 @@ from .._utils import unwrap_model
 from ..errors import TrptsError, UnsupportedModelError
 from .base import ModelAdapter
 from .generic import GenericAdapter
+from .hf_beit import HFBeitAdapter
+from .hf_clip import HFCLIPVisionAdapter
+from .hf_deit import HFDeiTAdapter
+from .hf_dinov2 import HFDinov2Adapter
+from .hf_siglip import HFSiglipVisionAdapter
 from .hf_vit import HFViTAdapter
 from .timm_beit import TimmBeitAdapter
 from .timm_eva import TimmEvaAdapter
@@ -31,7 +36,9 @@ __all__ = [
     "supported_families",
 ]
 
-ADAPTERS: list[ModelAdapter] = [TimmViTAdapter(), HFViTAdapter(), TimmEvaAdapter(), TimmBeitAdapter()]
+ADAPTERS: list[ModelAdapter] = [TimmViTAdapter(), HFViTAdapter(), TimmEvaAdapter(), TimmBeitAdapter(),
+                                HFDeiTAdapter(), HFDinov2Adapter(), HFCLIPVisionAdapter(),
+                                HFSiglipVisionAdapter(), HFBeitAdapter()]
 #: The fallback for models no family adapter matches.
 GENERIC = GenericAdapter()
 

@@ -1,0 +1,69 @@
+"""Adapter for Hugging Face DINOv2: ``Dinov2Model`` / ``Dinov2ForImageClassification`` and
+``Dinov2WithRegistersModel`` / ``Dinov2WithRegistersForImageClassification`` (LayerScale, register
+tokens).
+
+Token selection runs on the bare models (pooled by [CLS]); the register tokens follow [CLS] and are
+prefix tokens, never merged. The ``...ForImageClassification`` classifiers read [CLS] *and* the mean
+of the patch tokens, which merged tokens would bias, so they are refused for now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import TrptsValueError
+from ._hf_common import HFVisionAdapter, refuse_masks
+from .base import BlockForward
+
+
+def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                            **kwargs: Any) -> Tensor:
+    """transformers 5.x ``Dinov2Layer.forward`` (also ``Dinov2WithRegistersLayer``) with the token
+    reduction before the MLP."""
+    refuse_masks(attention_mask, kwargs)
+    residual = hidden_states
+    hidden_states = self.norm1(hidden_states)
+    hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    hidden_states = self.layer_scale1(hidden_states)
+    hidden_states = self.drop_path(hidden_states) + residual
+    hidden_states = self._trpts_tokens.reduce(hidden_states)
+    residual = hidden_states
+    hidden_states = self.norm2(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = self.layer_scale2(hidden_states)
+    return self.drop_path(hidden_states) + residual
+
+
+class HFDinov2Adapter(HFVisionAdapter):
+    family = "hf-dinov2"
+    description = ("Hugging Face Dinov2Model / Dinov2ForImageClassification and the WithRegisters "
+                   "variants (LayerScale, register tokens; token selection on the bare models)")
+    supports_tokens = True
+
+    _CLASSES = ("Dinov2Model", "Dinov2ForImageClassification",
+                "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
+    _BACKBONES = ("dinov2", "dinov2_with_registers")
+    _LAYERS = ("Dinov2Layer", "Dinov2WithRegistersLayer")
+    _PARTS = ("norm1", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2")
+
+    def patch_embedding(self, model: nn.Module) -> nn.Module | None:
+        return self.backbone(model).embeddings.patch_embeddings.projection
+
+    def check_token_support(self, model: nn.Module) -> None:
+        name = type(model).__name__
+        if name.endswith("ForImageClassification"):
+            raise TrptsValueError(
+                f"token selection on {name} is not supported yet: its classifier reads the [CLS] token "
+                "and the mean of the patch tokens, and a mean over merged tokens would count each merged "
+                f"token as one patch. Use {name.replace('ForImageClassification', 'Model')} (pooled by "
+                "[CLS]) with your own head, or parameter selection only"
+            )
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        registers = getattr(self.backbone(model).embeddings, "register_tokens", None)
+        return 1 + (int(registers.shape[1]) if registers is not None else 0)  # [CLS], registers
+
+    def reducing_forward(self, block: nn.Module) -> BlockForward:
+        return _reducing_layer_forward
