@@ -67,7 +67,7 @@ def make_methods(budget: float, rho: float, token_blocks: int) -> dict[str, tupl
     def linear(model, data, lr, seed, tokens=False):
         if tokens:  # placed where the Fisher selection is sparsest, but only the head trains
             fisher = trpts.compute_fisher(model, list(task.batches(*data)), progress=False)
-            selection = trpts.allocate_connections(fisher, budget=budget, model=model)
+            selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=1)  # eq. 4
             trpts.wrap_vit(model, selection, rho=rho, num_layers=token_blocks)
         _only(model, lambda n, p: n.startswith("head."))
         params = _trainable(model)
@@ -96,7 +96,7 @@ def make_methods(budget: float, rho: float, token_blocks: int) -> dict[str, tupl
 
     def tr_pts(model, data, lr, seed, placement=None):
         fisher = trpts.compute_fisher(model, list(task.batches(*data)), progress=False)
-        selection = trpts.allocate_connections(fisher, budget=budget, model=model)
+        selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=1)  # eq. 4
         handle = trpts.apply_masks(model, selection)
         if placement is not None:
             trpts.wrap_vit(model, selection, rho=rho, num_layers=token_blocks, placement=placement, seed=seed)

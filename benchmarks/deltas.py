@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for i, budget in enumerate(tqdm(args.budgets, desc="budgets", disable=args.no_progress)):
             g = torch.Generator().manual_seed(i)
             fisher = {n: torch.rand(params[n].shape, generator=g).pow_(4) for n in scored}
-            selection = trpts.allocate_connections(fisher, budget=budget, model=backbone)
+            selection = trpts.allocate_connections(fisher, budget=budget, model=backbone, share_power=1)
             for dtype in (None, torch.float16):
                 model = copy.deepcopy(backbone)
                 handle = trpts.apply_masks(model, selection)

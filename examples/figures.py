@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for name, (images, labels, classes) in tasks.items():
         model = task.target_model(source, classes, args.seed)
         fisher = trpts.compute_fisher(model, list(task.batches(images, labels)), progress=args.progress)
-        selections[name] = trpts.allocate_connections(fisher, budget=args.budget, model=model)
+        selections[name] = trpts.allocate_connections(fisher, budget=args.budget, model=model,
+                                                      share_power=1)  # the paper's eq. 4, as its figures
     out = args.out_dir
     written = [out / "block_distribution.png", out / "selection_overlap.png", out / "kept_tokens.png"]
     trpts.plot_block_distribution(selections, written[0])

@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -
     parser.add_argument("--weight-decay", type=float, default=0.0, help="head only (masked weights take none)")
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--budget", type=float, default=0.005, help="share of ViT weights trained")
+    parser.add_argument("--share-power", type=float, default=1.0,
+                        help="eq. 4's exponent: 1 = the paper (default here), 0 = trpts' default (uniform C)")
     parser.add_argument("--fisher-batches", type=int, default=8)
     parser.add_argument("--rho", type=float, default=0.7, help="tokens kept per reducing block")
     parser.add_argument("--token-blocks", type=int, default=3, help="reducing blocks (0: no token selection)")
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace, name: str, model: nn.Module, train_set: Datase
 
     start = time.perf_counter()
     fisher = trpts.compute_fisher(model, train_loader, num_batches=args.fisher_batches, progress=args.progress)
-    selection = trpts.allocate_connections(fisher, budget=args.budget, model=model)
+    selection = trpts.allocate_connections(fisher, budget=args.budget, model=model, share_power=args.share_power)
     del fisher
     handle = trpts.apply_masks(model, selection)
     if args.token_blocks:

@@ -77,7 +77,7 @@ def check_rows(fisher, selection):
 
 @given(fisher=fisher_dicts(), top_percent=top_percents, c_min=st.sampled_from([0.5, 1, 2, 3.7]))
 def test_rows_caps_and_eq4_proportions(fisher, top_percent, c_min):
-    selection = trpts.allocate_connections(fisher, top_percent=top_percent, c_min=c_min)
+    selection = trpts.allocate_connections(fisher, top_percent=top_percent, c_min=c_min, share_power=1)
     check_rows(fisher, selection)
     shares, k = reference_shares(fisher, top_percent)
     assert {n: m.share for n, m in selection.matrices.items()} == pytest.approx(shares)
@@ -102,12 +102,12 @@ def test_share_power_tempers_eq4_and_zero_is_uniform(fisher, top_percent, c_min,
         assert all(m.connections == min(uniform, m.fan_in) for m in selection.matrices.values())
 
 
-def test_share_power_one_is_the_default_and_the_budget_still_holds():
+def test_share_power_default_is_uniform_one_is_the_paper_and_the_budget_still_holds():
     g = torch.Generator().manual_seed(0)
     fisher = {f"blocks.{i}.w.weight": torch.rand(8, 16, generator=g) * (i + 1) ** 3 for i in range(4)}
-    paper = trpts.allocate_connections(fisher, budget=0.25)
-    assert trpts.allocate_connections(fisher, budget=0.25, share_power=1.0).to_config() == paper.to_config()
-    flat = trpts.allocate_connections(fisher, budget=0.25, share_power=0.0)
+    paper = trpts.allocate_connections(fisher, budget=0.25, share_power=1)
+    flat = trpts.allocate_connections(fisher, budget=0.25)
+    assert trpts.allocate_connections(fisher, budget=0.25, share_power=0.0).to_config() == flat.to_config()
     assert len({m.connections for m in flat.matrices.values()}) == 1  # uniform: 4 of 16 everywhere
     assert flat.num_selected == paper.num_selected == 128
     spread = [m.connections for m in paper.matrices.values()]
@@ -118,7 +118,7 @@ def test_share_power_one_is_the_default_and_the_budget_still_holds():
 def test_budget_lands_closest_to_target(fisher, top_percent, budget):
     with pytest.warns(trpts.TrptsWarning) if budget * sum(s.numel() for s in fisher.values()) < sum(
             s.shape[0] for s in fisher.values()) else _nullcontext():
-        selection = trpts.allocate_connections(fisher, top_percent=top_percent, budget=budget)
+        selection = trpts.allocate_connections(fisher, top_percent=top_percent, budget=budget, share_power=1)
     check_rows(fisher, selection)
     shares, k = reference_shares(fisher, top_percent)
     fan_ins = {n: m.fan_in for n, m in selection.matrices.items()}
@@ -155,7 +155,7 @@ def test_deterministic_and_round_trips(fisher, top_percent):
 
 @given(fisher=fisher_dicts(max_tensors=4), c_min=st.sampled_from([1, 2]))
 def test_block_unit_shares_one_count_per_block(fisher, c_min):
-    selection = trpts.allocate_connections(fisher, top_percent=50, c_min=c_min, unit="block")
+    selection = trpts.allocate_connections(fisher, top_percent=50, c_min=c_min, unit="block", share_power=1)
     check_rows(fisher, selection)
     by_layer: dict[str, list] = {}
     for m in selection.matrices.values():
@@ -176,7 +176,7 @@ def test_block_unit_shares_one_count_per_block(fisher, c_min):
 
 def test_layer_without_top_scores_counts_as_one_entry_not_division_by_zero():
     fisher = {"a.weight": torch.zeros(3, 8), "b.weight": torch.rand(3, 8) + 1}
-    selection = trpts.allocate_connections(fisher, top_percent=10, c_min=1)  # k = 5, all in b
+    selection = trpts.allocate_connections(fisher, top_percent=10, c_min=1, share_power=1)  # k = 5, all in b
     assert selection.matrices["a.weight"].share == 0
     assert selection.matrices["a.weight"].connections == 1  # C_min
     assert selection.matrices["b.weight"].connections == 5  # 5 entries vs. 1: five times C_min
@@ -192,7 +192,7 @@ def test_cap_at_fan_in_and_proportions():
     big[0, :4] = 5.0
     fisher = {"small.weight": torch.full((2, 3), 10.0), "big.weight": big}
     # k = ceil(4.8% of 206) = 10: small holds 6, big 4 -> ratios 1.5 and 1
-    selection = trpts.allocate_connections(fisher, top_percent=4.8, c_min=4)
+    selection = trpts.allocate_connections(fisher, top_percent=4.8, c_min=4, share_power=1)
     assert selection.matrices["small.weight"].share == pytest.approx(0.6)
     assert selection.matrices["big.weight"].connections == 4
     assert selection.matrices["small.weight"].connections == 3  # round(4 * 1.5) = 6, capped at fan-in
@@ -204,7 +204,7 @@ def test_block_counts_and_sparsest_blocks_on_a_real_model():
     fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()
               if n in trpts.default_scored_parameters(model)}
     fisher["blocks.2.mlp.fc1.weight"] *= 100  # block 2 dense
-    selection = trpts.allocate_connections(fisher, budget=0.05, model=model)
+    selection = trpts.allocate_connections(fisher, budget=0.05, model=model, share_power=1)
     counts = selection.block_counts
     assert set(counts) == {0, 1, 2, 3}
     assert max(counts, key=counts.get) == 2
@@ -312,7 +312,7 @@ def test_sparse_placement_on_floor_ties_picks_the_latest_floor_blocks():
     for n in fisher:
         if n.startswith("blocks.5."):
             fisher[n] *= 1000  # block 5 takes the budget above the floor
-    selection = trpts.allocate_connections(fisher, budget=0.05, model=model)
+    selection = trpts.allocate_connections(fisher, budget=0.05, model=model, share_power=1)
     counts = selection.block_counts
     assert len({counts[b] for b in range(5)}) == 1 and counts[5] > counts[0]  # blocks 0-4 tie at the floor
     assert selection.sparsest_blocks(3) == [2, 3, 4]

@@ -207,7 +207,7 @@ def test_placements():
         for n in fisher:
             if n.startswith(f"blocks.{i}."):
                 fisher[n] *= 50
-    selection = trpts.allocate_connections(fisher, budget=0.1, model=model)
+    selection = trpts.allocate_connections(fisher, budget=0.1, model=model, share_power=1)  # eq. 4
     assert trpts.get_token_config(trpts.wrap_vit(model, selection, num_layers=2)).layers == (0, 2)
     assert trpts.get_token_config(model).layers == tuple(selection.sparsest_blocks(2))
     trpts.unwrap_vit(model)

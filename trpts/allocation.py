@@ -339,7 +339,7 @@ def allocate_connections(
     c_min: float | None = None,
     budget: float | None = None,
     unit: Unit = "matrix",
-    share_power: float = 1.0,
+    share_power: float = 0.0,
     model: nn.Module | None = None,
 ) -> Selection:
     """Choose the trainable connections from Fisher scores (paper eq. 3-5).
@@ -357,9 +357,12 @@ def allocate_connections(
             (all weights of a transformer block share one ``w_l`` and ``C_l``; weights
             outside the blocks stay their own layer).
         share_power: exponent p on eq. 4's ratio, ``C_l = C_min * (w_l / min w) ** p``;
-            ``>= 0``. 1 is the paper's eq. 4; 0 gives every weight the same ``C`` (GPS's
-            uniform K, with Fisher scores choosing the entries); between them, a tempered
-            allocation. Eq. 3's shares and eq. 5's per-neuron top-C are unchanged.
+            ``>= 0``. 1 is the paper's eq. 4 (pass it to reproduce TR-PTS exactly); 0, the
+            default, gives every weight the same ``C`` with each neuron's top-``C`` Fisher
+            entries (eq. 5) chosen per row, which measured far better on a real pretrained ViT
+            (docs/benchmarks.md#real-backbone: eq. 4's shares there follow LayerScale's gains
+            and the patch embedding's token sum, not the task). Eq. 3's shares are still
+            reported in ``matrices``.
         model: optional; when given, names are checked against it and blocks are found by
             module identity instead of by name.
 
