@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import trpts
+from trpts.delta_format import checksum
 
 FACTORIES = {"timm": make_timm_vit, "hf": make_hf_vit}
 
@@ -181,6 +182,13 @@ def _rewrite(path, out, *, drop=None, add=None, reshape=None, meta=None):
         m = json.loads(header["trpts"])
         m.update(meta)
         header["trpts"] = json.dumps(m)
+    return _resave(tensors, out, header)
+
+
+def _resave(tensors, out, header):
+    """Write a deliberately malformed delta with a matching checksum, so that validation (not the
+    checksum) is what refuses it."""
+    header = dict(header, checksum=checksum(header["trpts"], tensors))
     save_file(tensors, out, metadata=header)
     return out
 
@@ -262,7 +270,7 @@ def test_cli_info_merge_and_errors(tmp_path):
     assert helped.returncode == 0 and "info" in helped.stdout and "merge" in helped.stdout
     info = run("info", str(delta))
     assert info.returncode == 0, info.stderr
-    for text in ("fingerprint", "format version  1", "timm-vit", "blocks.0.attn.qkv.weight", "head"):
+    for text in ("fingerprint", "format version  2", "timm-vit", "blocks.0.attn.qkv.weight", "head"):
         assert text in info.stdout
     merged = run("merge", str(delta), "--model", "vit_tiny_patch16_224", "--num-classes", "10",
                  "--weights", str(tmp_path / "base.safetensors"), "--out", str(tmp_path / "merged.safetensors"))
@@ -295,7 +303,7 @@ def test_format_spec_is_enough_to_read_a_delta(tmp_path):
     header = json.loads(raw[8 : 8 + n])
     data = raw[8 + n :]
     meta = json.loads(header["__metadata__"]["trpts"])
-    assert header["__metadata__"]["format"] == "trpts-delta" and meta["format_version"] == 1
+    assert header["__metadata__"]["format"] == "trpts-delta" and meta["format_version"] == 2
 
     def tensor(key):
         info = header[key]
@@ -314,6 +322,16 @@ def test_format_spec_is_enough_to_read_a_delta(tmp_path):
         digest.update(name.encode() + json.dumps(shape).encode() + w[flat].astype("<f4").tobytes())
         w[flat] = tensor(f"values:{name}").reshape(-1)
     assert digest.hexdigest() == meta["fingerprint"]
+
+    def field(b):
+        return len(b).to_bytes(8, "little") + b
+
+    blob = field(header["__metadata__"]["trpts"].encode())
+    for key in sorted(k for k in header if k != "__metadata__"):
+        begin, end = header[key]["data_offsets"]
+        blob += field(key.encode()) + field(header[key]["dtype"].encode())
+        blob += field(json.dumps(header[key]["shape"], separators=(",", ":")).encode()) + field(data[begin:end])
+    assert hashlib.sha256(blob).hexdigest() == header["__metadata__"]["checksum"]
     for name in meta["full"]:
         weights[name] = tensor(f"full:{name}")
     expected = trained.state_dict()
@@ -330,6 +348,6 @@ def test_metadata_without_required_keys_is_refused(saved, tmp_path):
     meta = json.loads(header["trpts"])
     del meta["fingerprint"]
     header["trpts"] = json.dumps(meta)
-    save_file(load_file(path), tmp_path / "nofp.safetensors", metadata=header)
+    _resave(load_file(path), tmp_path / "nofp.safetensors", header)
     with pytest.raises(trpts.DeltaFormatError, match="lacks"):
         trpts.read_delta(tmp_path / "nofp.safetensors")

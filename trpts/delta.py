@@ -1,17 +1,16 @@
 """Task deltas: the selected values of a TR-PTS fine-tune in one small safetensors file.
 
 One frozen backbone, many tasks: :func:`save_delta` writes the trained values at the selected
-entries (rows implicit, columns as uint16), the fully trained tensors (head, biases if
+entries (rows implicit, columns as uint16, int32 past fan-in 65,536), the fully trained tensors (head, biases if
 trained), the token-selection configuration and a fingerprint of the backbone;
 :func:`load_delta` puts a delta onto a backbone in place, :func:`activate_delta` switches
-between loaded tasks, :func:`merge_delta` bakes one into a plain state dict. The format is
-specified in ``docs/format.md``.
+between loaded tasks, :func:`merge_delta` bakes one into a plain state dict. The file format
+(writing, reading, checksum, validation) is :mod:`trpts.delta_format`, specified in
+``docs/format.md``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,39 +21,26 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import atomic_write, unwrap_model
-from .errors import (
-    DeltaFormatError,
-    FingerprintMismatchError,
-    TrptsKeyError,
-    TrptsRuntimeError,
-    TrptsTypeError,
-    TrptsValueError,
+from .delta_format import (
+    FORMAT_VERSION,
+    _version,
+    fingerprint,
+    read_delta,
+    rows_fan_in,
+    write_delta_file,
 )
+from .errors import FingerprintMismatchError, TrptsKeyError, TrptsRuntimeError, TrptsValueError
 from .masking import MaskHandle, get_mask_handle
 from .models import GENERIC, get_adapter
 from .tokens import TokenConfig, apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
 
-FORMAT_NAME = "trpts-delta"
-FORMAT_VERSION = 1
 _BANK_ATTR = "_trpts_deltas"
 PathLike = str | os.PathLike[str]
 
 
 # ---- writing ----------------------------------------------------------------------------------
-
-
-def fingerprint(entries: Mapping[str, tuple[tuple[int, ...], Tensor]]) -> str:
-    """SHA-256 over ``name``, ``shape`` and the float32 bytes of the backbone's values at the
-    selected entries, in name order: what decides whether a delta fits a backbone."""
-    digest = hashlib.sha256()
-    for name in sorted(entries):
-        shape, values = entries[name]
-        digest.update(name.encode())
-        digest.update(json.dumps(list(shape)).encode())
-        digest.update(values.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _architecture(model: nn.Module) -> str:
@@ -66,12 +52,6 @@ def _architecture(model: nn.Module) -> str:
 def _head_paths(model: nn.Module) -> list[str]:
     ids = {id(h) for h in get_adapter(model).heads(model)}
     return [n for n, m in model.named_modules() if id(m) in ids]
-
-
-def _write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = None,
@@ -132,91 +112,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
                                     for m in selection.matrices}),
         "user": dict(metadata or {}),
     }
-    try:
-        text = json.dumps(meta, separators=(",", ":"))
-    except TypeError as err:
-        raise TrptsTypeError(f"metadata must be JSON-serializable: {err}") from None
-    path = Path(path)
-    _write_safetensors(tensors, {"format": FORMAT_NAME, "trpts": text}, path)
-    return path
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-# ---- reading ----------------------------------------------------------------------------------
-
-
-def read_delta(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read and validate a delta file: ``(metadata, tensors)``. Raises
-    :class:`~trpts.errors.DeltaFormatError` for anything that is not a complete trpts delta."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no delta file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != FORMAT_NAME or "trpts" not in header:
-                raise DeltaFormatError(f"{path} is a safetensors file but not a trpts delta (no "
-                                       f"'format: {FORMAT_NAME}' in its metadata)")
-            meta = json.loads(header["trpts"])
-            version = meta.get("format_version")
-            if not isinstance(version, int) or version > FORMAT_VERSION:
-                raise DeltaFormatError(f"{path} uses delta format {version!r}; this trpts ({_version()}) "
-                                       f"reads format <= {FORMAT_VERSION}: upgrade trpts")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError) as err:
-        raise DeltaFormatError(f"cannot read {path}: truncated or corrupted ({err})") from None
-    _validate(meta, tensors, path)
-    return meta, tensors
-
-
-def _rows_fan_in(info: Mapping[str, Any]) -> tuple[int, int]:
-    """Rows (output neurons) and fan-in of a weight of ``info["shape"]``."""
-    shape = [int(d) for d in info["shape"]]
-    fan_in = 1
-    for d in shape[1:]:
-        fan_in *= d
-    return shape[0], fan_in
-
-
-def _validate(meta: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
-    missing = [k for k in ("matrices", "full", "heads", "fingerprint") if k not in meta]
-    if missing:
-        raise DeltaFormatError(f"{path}: the trpts metadata lacks {missing}")
-    expected: set[str] = set()
-    try:
-        for m, info in meta["matrices"].items():
-            expected |= {f"values:{m}", f"columns:{m}"}
-            rows, fan_in = _rows_fan_in(info)
-            shape = (rows, info["connections"])
-            for key in (f"values:{m}", f"columns:{m}"):
-                if key not in tensors:
-                    raise DeltaFormatError(f"{path} lacks the tensor {key!r}")
-                if tuple(tensors[key].shape) != shape:
-                    raise DeltaFormatError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, "
-                                           f"expected {shape}")
-            cols = tensors[f"columns:{m}"].to(torch.int64)
-            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= fan_in):
-                raise DeltaFormatError(f"{path}: columns of {m!r} fall outside 0..{fan_in - 1}")
-        for n, shape in meta["full"].items():
-            expected.add(f"full:{n}")
-            if f"full:{n}" not in tensors:
-                raise DeltaFormatError(f"{path} lacks the tensor 'full:{n}'")
-            if list(tensors[f"full:{n}"].shape) != list(shape):
-                raise DeltaFormatError(f"{path}: 'full:{n}' has shape {list(tensors[f'full:{n}'].shape)}, "
-                                       f"expected {shape}")
-        meta["fingerprint"], meta["heads"]
-    except (KeyError, TypeError) as err:
-        raise DeltaFormatError(f"{path}: malformed trpts metadata ({err!r})") from None
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise DeltaFormatError(f"{path} holds tensors its metadata does not describe: {extra[:5]}")
+    return write_delta_file(path, meta, tensors)
 
 
 # ---- many tasks on one backbone ---------------------------------------------------------------
@@ -371,12 +267,21 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
     stored in the training dtype gives outputs equal (``torch.equal``) to the trained model's.
     """
     base = unwrap_model(model)
-    meta, tensors = read_delta(path)
+    meta, tensors = read_delta(path)  # 1. an intact, well-formed file (checksum, metadata, tensors)
     name = name or meta.get("name") or Path(path).stem
-    existing = _bank(base)
-    if existing is not None and name in existing.tasks:
+    bank = _bank(base)
+    if bank is not None and name in bank.tasks:
         raise TrptsValueError(f"a delta named {name!r} is already loaded; pass another name= "
-                              f"(loaded: {list(existing.tasks)})")
+                              f"(loaded: {list(bank.tasks)})")
+    local = _check_fit(base, meta, path, tokens)  # 2. this model has what the delta writes to
+    task = _build_task(base, name, meta, tensors, local, path, tokens)  # 3. without touching the model
+    _install(base, bank, task, path, ignore_fingerprint)  # 4. fingerprint check, then activate
+    return DeltaHandle(base, name)
+
+
+def _check_fit(base: nn.Module, meta: dict[str, Any], path: PathLike, tokens: bool) -> dict[str, str]:
+    """Check that the delta fits ``base`` (family, parameters and shapes, heads, token-selection
+    blocks); return the model's local name of every parameter the file names."""
     params = dict(base.named_parameters())
     adapter = get_adapter(base)
     family = adapter.family
@@ -403,7 +308,9 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
     for h in heads:
         if h not in modules:
             raise TrptsValueError(f"{path} replaces the head {h!r}, which this model does not have")
-    token_config = meta.get("tokens") if tokens else None
+        if not isinstance(modules[h], nn.Linear) or f"{h}.weight" not in meta["full"]:
+            raise TrptsValueError(f"{path}: the head {h!r} must be an nn.Linear with a stored weight")
+    token_config = meta["tokens"] if tokens else None
     if token_config:
         if not adapter.supports_tokens:
             raise TrptsValueError(f"the delta was trained with token selection, which the {adapter.family} "
@@ -414,13 +321,22 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             if not 0 <= i < len(blocks):
                 raise TrptsValueError(f"the delta's token-selection blocks {token_config['layers']} do not exist here")
             adapter.check_block(blocks[i])
+    return local
 
-    # Build the task without touching the model.
-    task = _Task(name=name, meta=meta, path=str(path), index={}, values={}, apply_tokens=bool(token_config))
-    for m, info in meta["matrices"].items():  # tensors keep file (canonical) names; the task, local ones
+
+def _build_task(base: nn.Module, name: str, meta: dict[str, Any], tensors: dict[str, Tensor],
+                local: dict[str, str], path: PathLike, tokens: bool) -> _Task:
+    """The task's positions, values, fully trained tensors and new heads, on the model's devices
+    and dtypes (tensors keep file, canonical names; the task, local ones). Touches nothing."""
+    params = dict(base.named_parameters())
+    modules = dict(base.named_modules())
+    heads = list(meta["heads"])
+    task = _Task(name=name, meta=meta, path=str(path), index={}, values={},
+                 apply_tokens=bool(meta["tokens"] if tokens else None))
+    for m, info in meta["matrices"].items():
         p = params[local[m]]
         cols = tensors[f"columns:{m}"].to(torch.int64)
-        n_rows, fan_in = _rows_fan_in(info)
+        n_rows, fan_in = rows_fan_in(info)
         rows = torch.arange(n_rows, dtype=torch.int64).unsqueeze(1)
         task.index[local[m]] = (rows * fan_in + cols).view(-1).to(p.device)
         task.values[local[m]] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
@@ -430,9 +346,7 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             task.full[local[n]] = tensors[f"full:{n}"].to(device=q.device, dtype=q.dtype)
     for h in heads:
         original = modules[h]
-        weight = tensors.get(f"full:{h}.weight")
-        if not isinstance(original, nn.Linear) or weight is None:
-            raise TrptsValueError(f"{path}: the head {h!r} must be an nn.Linear with a stored weight")
+        weight = tensors[f"full:{h}.weight"]
         bias = tensors.get(f"full:{h}.bias")
         head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                          device=original.weight.device, dtype=original.weight.dtype)
@@ -441,7 +355,14 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             if bias is not None:
                 head.bias.copy_(bias)
         task.heads[h] = head
+    return task
 
+
+def _install(base: nn.Module, existing: _Bank | None, task: _Task, path: PathLike, ignore_fingerprint: bool) -> None:
+    """Record the backbone's values at the task's entries, check the fingerprint, add the task
+    to the bank and activate it; on any error the model is left as it was."""
+    meta = task.meta
+    params = dict(base.named_parameters())
     bank = existing if existing is not None else _Bank(base)
     previous = bank.active
     bank.deactivate()  # exact: the plain backbone, to read its values at the task's entries
@@ -450,7 +371,9 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             task.base_values[m] = params[m].detach().view(-1)[idx].clone()
         for n in task.full:
             task.base_full[n] = params[n].detach().clone()
-    got = fingerprint({m: (tuple(info["shape"]), task.base_values[local[m]]) for m, info in meta["matrices"].items()})
+    local = get_adapter(base).local_name
+    got = fingerprint({m: (tuple(info["shape"]), task.base_values[local(m, base)])
+                       for m, info in meta["matrices"].items()})
     if got != meta["fingerprint"] and not ignore_fingerprint:
         bank.activate(previous)
         raise FingerprintMismatchError(
@@ -458,16 +381,15 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             f"do not match (fingerprint {got[:12]}... vs {meta['fingerprint'][:12]}...). Load the pretrained "
             "weights the delta was trained from, or pass ignore_fingerprint=True"
         )
-    bank.tasks[name] = task
+    bank.tasks[task.name] = task
     try:
-        bank.activate(name)
+        bank.activate(task.name)
     except BaseException:
-        del bank.tasks[name]
+        del bank.tasks[task.name]
         bank.activate(previous)
         raise
     if existing is None:
         setattr(base, _BANK_ATTR, bank)
-    return DeltaHandle(base, name)
 
 
 def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *,
@@ -486,6 +408,9 @@ def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *
         if previous is not None:
             activate_delta(base, previous)
     if out is not None:
-        _write_safetensors({k: v.cpu() for k, v in state.items()},
-                      {"format": "pt", "merged_from": str(Path(path).name)}, Path(out))
+        from safetensors.torch import save_file
+
+        plain = {k: v.cpu() for k, v in state.items()}
+        atomic_write(Path(out), lambda tmp: save_file(plain, tmp, metadata={"format": "pt",
+                                                                              "merged_from": str(Path(path).name)}))
     return state
