@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from .base import ModelAdapter
+from .base import ModelAdapter, has_parameters
 from .hf_vit import HFViTAdapter
 
 #: Block names of every layout: ``layers.i`` (transformers >= 5.9 ViT family), ``encoder.layer.i``
@@ -30,11 +30,6 @@ def refuse_masks(attention_mask: Tensor | None, kwargs: Mapping[str, Any]) -> No
         raise TrptsValueError("token selection does not support attention masks: a reduced block "
                               "changes the token count the mask was built for; call the model without "
                               "attention_mask")
-
-
-def has_parameters(module: object) -> bool:
-    """Whether ``module`` is an ``nn.Module`` with at least one parameter."""
-    return isinstance(module, nn.Module) and any(True for _ in module.parameters())
 
 
 class HFVisionAdapter(ModelAdapter):

@@ -22,6 +22,11 @@ from ..errors import UnsupportedModelError
 BlockForward = Callable[..., Any]
 
 
+def has_parameters(module: object) -> bool:
+    """Whether ``module`` is an ``nn.Module`` with at least one parameter."""
+    return isinstance(module, nn.Module) and any(True for _ in module.parameters())
+
+
 def pool_linear_weights(model: nn.Module, names: list[str]) -> list[str]:
     """``names`` plus the weights of every ``nn.Linear`` in ``model.attn_pool`` (model order)."""
     pool = getattr(model, "attn_pool", None)

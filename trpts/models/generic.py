@@ -16,14 +16,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ModelAdapter, has_parameters
 
 _HF_HEADS = ("classifier", "cls_classifier", "distillation_classifier")
 _TOP_LEVEL_HEADS = ("head", "fc")
-
-
-def _has_parameters(module: object) -> bool:
-    return isinstance(module, nn.Module) and any(True for _ in module.parameters())
 
 
 def conventional_heads(model: nn.Module) -> list[nn.Module]:
@@ -33,8 +29,8 @@ def conventional_heads(model: nn.Module) -> list[nn.Module]:
     if callable(get_classifier):  # timm
         head = get_classifier()
         if isinstance(head, nn.Module):
-            return [head] if _has_parameters(head) else []
-    heads = [getattr(model, name) for name in _HF_HEADS if _has_parameters(getattr(model, name, None))]
+            return [head] if has_parameters(head) else []
+    heads = [getattr(model, name) for name in _HF_HEADS if has_parameters(getattr(model, name, None))]
     if heads:
         return heads
     get_output = getattr(model, "get_output_embeddings", None)
@@ -43,9 +39,9 @@ def conventional_heads(model: nn.Module) -> list[nn.Module]:
             head = get_output()
         except (NotImplementedError, AttributeError):
             head = None
-        if _has_parameters(head):
+        if has_parameters(head):
             return [head]  # type: ignore[list-item]
-    return [m for name in _TOP_LEVEL_HEADS if _has_parameters(m := getattr(model, name, None))]
+    return [m for name in _TOP_LEVEL_HEADS if has_parameters(m := getattr(model, name, None))]
 
 
 def largest_block_list(model: nn.Module) -> list[nn.Module]:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from .base import BlockForward, ModelAdapter
+from .base import BlockForward, ModelAdapter, has_parameters
 
 
 def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -86,4 +86,4 @@ class HFViTAdapter(ModelAdapter):
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         head = getattr(model, "classifier", None)
-        return [head] if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else []
+        return [head] if has_parameters(head) else []

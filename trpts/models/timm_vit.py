@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from .base import BlockForward, ModelAdapter, pool_linear_weights
+from ._timm_common import TimmBlocksAdapter
+from .base import BlockForward, has_parameters, pool_linear_weights
 
 
 def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None,
@@ -22,24 +22,11 @@ def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None
     return x
 
 
-class TimmViTAdapter(ModelAdapter):
+class TimmViTAdapter(TimmBlocksAdapter):
     family = "timm-vit"
     description = "timm VisionTransformer (ViT, DeiT, DeiT distilled; CLS/register tokens, LayerScale, qk_norm)"
     supports_tokens = True
-    block_name_pattern = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-    def matches(self, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.vision_transformer import VisionTransformer
-
-        return isinstance(model, VisionTransformer)
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return list(model.blocks)  # type: ignore[arg-type]
-
-    def patch_embedding(self, model: nn.Module) -> nn.Module | None:
-        return getattr(model.patch_embed, "proj", None)
+    _timm_class = "timm.models.vision_transformer:VisionTransformer"
 
     def scored_parameters(self, model: nn.Module) -> list[str]:
         # SigLIP-style attention pooling (global_pool='map') is pretrained: its linears are scored
@@ -83,9 +70,4 @@ class TimmViTAdapter(ModelAdapter):
         return _reducing_block_forward
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
-        heads = []
-        for attr in ("head", "head_dist"):
-            module = getattr(model, attr, None)
-            if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
-                heads.append(module)
-        return heads
+        return [m for attr in ("head", "head_dist") if has_parameters(m := getattr(model, attr, None))]
