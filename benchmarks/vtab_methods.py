@@ -36,12 +36,14 @@ class Method:
     """One row of the table: ``kind`` says how the backbone trains, ``grid`` the backbone
     learning rates tried on validation (head-only methods: the head's), ``options`` the
     TR-PTS / GPS settings that differ from the run's defaults. An ablation has no grid: it
-    runs at the rate chosen for its ``base`` method, so it changes one thing only."""
+    runs at the rate chosen for its ``base`` method, so it changes one thing only; on the grid
+    tasks, or on every task when ``every_task``."""
 
     kind: str  # head | full | bitfit | lora | gps | trpts | tokens
     grid: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
+    every_task: bool = False
 
     @property
     def head_only(self) -> bool:
@@ -50,10 +52,17 @@ class Method:
 
 SPARSE_GRID = (3e-5, 1e-4, 3e-4)
 PT = "TR-PTS params + tokens"
+P0 = "TR-PTS params + tokens (share_power 0)"  # the library's default allocation
 
 
 def _ablation(**change: Any) -> Method:
     return Method("trpts", (), {"placement": "sparse", **change}, PT)
+
+
+def _p0_ablation(**change: Any) -> Method:
+    """A change to the default (share_power 0) run, at its rate, on every task: the rows that
+    separate its gap to GPS-style into token selection, biases and scores."""
+    return Method("trpts", (), {"share_power": 0.0, **change}, P0, every_task=True)
 
 
 METHODS: dict[str, Method] = {
@@ -70,8 +79,7 @@ METHODS: dict[str, Method] = {
     # variants with their own grid (run when named with --methods): eq. 4 tempered, C_l ~ w_l^p
     "TR-PTS params + tokens (share_power 0.5)": Method("trpts", SPARSE_GRID, {"placement": "sparse",
                                                                              "share_power": 0.5}),
-    "TR-PTS params + tokens (share_power 0)": Method("trpts", SPARSE_GRID, {"placement": "sparse",
-                                                                           "share_power": 0.0}),
+    P0: Method("trpts", SPARSE_GRID, {"placement": "sparse", "share_power": 0.0}),
     # ablations (run when named with --methods): one setting changed from PT, at PT's rate
     "ablation: + biases": _ablation(biases=True),
     "ablation: Fisher after a linear-probe head": _ablation(probe_head=True),
@@ -83,6 +91,11 @@ METHODS: dict[str, Method] = {
     "ablation: placement ties to earlier blocks (the old default)": _ablation(ties="early"),
     "ablation: no patch-embedding entries": _ablation(no_patch_embed=True),
     "ablation: Fisher x w^2 (scale-invariant scores)": _ablation(times_w2=True),
+    # share_power 0 without tokens; with the masked layers' biases too it is GPS-style's
+    # selection (same K per neuron, same biases, same count) with Fisher scores instead of
+    # |summed gradient|
+    "share_power 0: no tokens": _p0_ablation(),
+    "share_power 0: + biases, no tokens (GPS-style with Fisher scores)": _p0_ablation(biases=True),
 }
 
 

@@ -219,7 +219,7 @@ def plan(args: argparse.Namespace, rows: list[dict[str, Any]],
         if vm.METHODS[m].head_only or head_lr is not None:
             grid, _ = search(rows, m, args, None if vm.METHODS[m].head_only else head_lr)
             todo += [(t, m, lr, head_of(m, lr), 0) for lr in grid for t in args.grid_tasks]
-    ablations = [m for m in methods if vm.METHODS[m].base]
+    ablations = [m for m in methods if vm.METHODS[m].base and not vm.METHODS[m].every_task]
     for seed in range(args.seeds):  # seeds at the chosen rates; ablations on the grid tasks, first
         for m in ablations:
             if (lr := rate(rows, m, args, head_lr)) is not None:
