@@ -96,6 +96,9 @@ METHODS: dict[str, Method] = {
     # |summed gradient|
     "share_power 0: no tokens": _p0_ablation(),
     "share_power 0: + biases, no tokens (GPS-style with Fisher scores)": _p0_ablation(biases=True),
+    # C = 2 per neuron plus the masked layers' biases: exactly the default's count (C = 3, no biases)
+    "share_power 0: C=2 + biases (the default's count)": _p0_ablation(placement="sparse", biases=True,
+                                                                       budget=0.0039),
 }
 
 
