@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import stat
 import subprocess
 import sys
 
@@ -104,6 +106,12 @@ def test_columns_are_uint16_and_file_holds_only_the_delta(tmp_path):
     assert {k for k in tensors if k.startswith("full:")} == {"full:head.weight", "full:head.bias"}
     assert sum(v.numel() for k, v in tensors.items() if k.startswith("values:")) == sel.num_selected
     assert not list(tmp_path.glob("*.tmp"))
+    umask = os.umask(0o022)  # the file's mode is open()'s (0o666 less the umask), not mkstemp's 0o600
+    try:
+        path = trpts.save_delta(trained, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
 
 
 def test_many_tasks_switch_exactly():
@@ -139,7 +147,7 @@ def test_many_tasks_switch_exactly():
     for h in (handles["a"], handles["c"], again):
         h.remove()
     assert _same_state(model, original) and torch.equal(_out(model, X), plain)
-    assert not hasattr(model, "_trpts_deltas")
+    assert not hasattr(model, "_trpts_state")  # nothing of trpts is left on the model
 
 
 def test_merge_gives_a_plain_checkpoint(tmp_path):

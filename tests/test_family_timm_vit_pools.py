@@ -1,12 +1,16 @@
-"""timm VisionTransformers that do not read the [CLS] token (``global_pool='avg'``, and SigLIP-style
-``global_pool='map'`` with an attention-pool head) go through the timm-vit adapter: parameter
-selection, both storages, deltas; token selection is refused with the reason."""
+"""timm VisionTransformers that do not read the [CLS] token (``global_pool='avg'``, ``'max'``,
+``'avgmax'``, ``''`` (the head on every token), and SigLIP-style ``global_pool='map'`` with an
+attention-pool head) go through the timm-vit adapter: parameter selection, both storages, deltas;
+token selection is refused with the reason."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from conftest import make_hf_vit, make_timm_vit
+import torch.nn.functional as F
+from conftest import NUM_CLASSES, make_hf_vit, make_timm_vit
 from family_checks import check_family
 from torch import nn
 
@@ -52,3 +56,43 @@ def test_token_selection_on_pooled_vits_says_why(make, reason):
     with pytest.raises(trpts.TrptsValueError, match=reason):
         trpts.wrap_vit(model, selection)
     assert all(not hasattr(b, "_trpts_tokens") for b in model.blocks)
+
+
+def _per_token_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """global_pool='': the head scores every token (``[B, N, classes]``); average the logits."""
+    return F.cross_entropy(out.mean(1), targets)
+
+
+OTHER_POOLS = {"": _per_token_loss, "max": None, "avgmax": None}  # global_pool -> loss_fn for compute_fisher
+POOL_IDS = ["none", "max", "avgmax"]
+
+
+@pytest.mark.parametrize("pool", list(OTHER_POOLS), ids=POOL_IDS)
+def test_other_pools_train_save_and_load(pool, tmp_path):
+    model = make_timm_vit(global_pool=pool)
+    assert model.global_pool == pool
+    tokens = 1 + (16 // 4) ** 2
+    assert tuple(model(torch.randn(2, 3, 16, 16)).shape) == ((2, tokens, NUM_CLASSES) if pool == "" else
+                                                              (2, NUM_CLASSES))
+    assert trpts.default_scored_parameters(model) == SCORED
+    assert get_adapter(model).head_parameters(model) == ["head.weight", "head.bias"]
+    check_family(lambda: make_timm_vit(global_pool=pool), "timm-vit", tmp_path=tmp_path, loss_fn=OTHER_POOLS[pool])
+
+
+@pytest.mark.parametrize("pool", list(OTHER_POOLS), ids=POOL_IDS)
+def test_token_selection_refuses_other_pools_naming_them(pool):
+    model = make_timm_vit(global_pool=pool)
+    selection = trpts.allocate_connections(trpts.compute_fisher(
+        model, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))], loss_fn=OTHER_POOLS[pool], progress=False))
+    # A TrptsValueError (like 'avg' and 'map' above), not an UnsupportedModelError: the family
+    # supports token selection, this model's pooling does not.
+    with pytest.raises(trpts.TrptsValueError, match=re.escape(f"global_pool={pool!r}")) as info:
+        trpts.wrap_vit(model, selection)
+    assert "global_pool='token'" in str(info.value)  # says what to use instead
+    assert all(not hasattr(b, "_trpts_tokens") for b in model.blocks)
+
+
+def test_default_loss_on_per_token_logits_is_a_clear_error():
+    model = make_timm_vit(global_pool="")  # logits for every token: (B, N, classes)
+    with pytest.raises(trpts.TrptsValueError, match=r"\(batch, classes\).*loss_fn="):
+        trpts.compute_fisher(model, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))], progress=False)

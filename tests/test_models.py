@@ -58,3 +58,16 @@ def test_wrappers_are_unwrapped():
     compiled = torch.compile(model)
     assert find_adapter(compiled) is not None
     assert trpts.default_scored_parameters(compiled) == trpts.default_scored_parameters(model)
+
+
+def test_every_family_file_is_discovered_once():
+    """Adding a family is adding a file: each family module of trpts/models/ gives one adapter."""
+    import pathlib
+
+    import trpts.models as models
+
+    files = {p.stem for p in pathlib.Path(models.__file__).parent.glob("*.py")
+             if not p.stem.startswith("_") and p.stem not in ("base", "generic")}
+    assert {type(a).__module__.rsplit(".", 1)[1] for a in models.ADAPTERS} == files
+    assert len({a.family for a in models.ADAPTERS}) == len(models.ADAPTERS) == len(files)
+    assert all(a.supports_tokens == isinstance(a, models.TokenAdapter) for a in models.ADAPTERS)

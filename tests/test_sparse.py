@@ -4,6 +4,10 @@ gradients, the same training trajectory as the hook mode."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,6 +155,61 @@ def test_native_kernel_is_cached_per_source(monkeypatch, tmp_path):
 def test_bad_kernel_name():
     with pytest.raises(ValueError, match="'auto', 'native', 'compiled' or 'eager'"):
         sp.set_sparse_kernel("triton")
+
+
+# Run in a fresh interpreter: TRPTS_SPARSE_KERNEL is read when trpts is imported.
+_KERNEL_ENV_SCRIPT = """
+import json, torch
+import trpts, trpts.sparse as sp
+from trpts._native import NativeKernelUnavailable
+x, dy, index = torch.randn(9, 6), torch.randn(9, 4), torch.tensor([[0, 1], [2, 3], [4, 5], [1, 3]])
+dense = (dy.t() @ x).gather(1, index)
+out = {}
+def attempt(key, fn):
+    try:
+        out[key] = ["ok", fn()]
+    except Exception as err:
+        out[key] = [type(err).__name__, str(err), isinstance(err, trpts.TrptsValueError)]
+attempt("grad", lambda: torch.allclose(sp.sparse_weight_grad(x, dy, index), dense, atol=1e-5))
+attempt("query", sp.get_sparse_kernel)
+sp.set_sparse_kernel("eager")
+attempt("after_set", sp.get_sparse_kernel)
+attempt("grad_after_set", lambda: torch.allclose(sp.sparse_weight_grad(x, dy, index), dense, atol=1e-5))
+print(json.dumps(out))
+"""
+
+
+def _run_with_kernel_env(value: str, tmp_path) -> dict:
+    env = dict(os.environ, TRPTS_SPARSE_KERNEL=value, XDG_CACHE_HOME=str(tmp_path),
+               TRPTS_CC=str(tmp_path / "no-such-cc"))  # no cached or buildable native kernel
+    done = subprocess.run([sys.executable, "-c", _KERNEL_ENV_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr  # importing trpts never fails on the variable
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bad_kernel_env_fails_at_first_use_not_at_import(tmp_path):
+    """A typo in TRPTS_SPARSE_KERNEL: import works, the first kernel choice names the variable,
+    and set_sparse_kernel overrides it."""
+    out = _run_with_kernel_env("bogus", tmp_path)
+    for key in ("grad", "query"):
+        kind, message, is_value_error = out[key]
+        assert kind == "TrptsValueError" and is_value_error, out
+        for part in ("TRPTS_SPARSE_KERNEL", "'bogus'", "'auto'", "'native'", "'compiled'", "'eager'", "unset"):
+            assert part in message, (part, message)
+    assert out["after_set"] == ["ok", "eager"]
+    assert out["grad_after_set"] == ["ok", True]
+
+
+@pytest.mark.parametrize("value", ["native", "eager"])
+def test_valid_kernel_env_is_honoured(value, tmp_path):
+    out = _run_with_kernel_env(value, tmp_path)
+    assert out["query"] == ["ok", value]
+    if value == "native":  # honoured as 'native': no compiler is an error, not the 'auto' fallback
+        assert out["grad"][0] == "NativeKernelUnavailable" and "no-such-cc" in out["grad"][1], out
+    else:
+        assert out["grad"] == ["ok", True]
+    assert out["grad_after_set"] == ["ok", True]
 
 
 @pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))

@@ -51,13 +51,18 @@ def fmt_count(n: int) -> str:
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``
-    (atomic on one file system); the temporary file never survives a failure."""
+    (atomic on one file system); the temporary file never survives a failure. The file gets the
+    permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask), not
+    ``mkstemp``'s owner-only ``0o600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        write(tmp)  # writers may re-create the file (safetensors does, owner-only): set the mode after
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -369,6 +369,33 @@ def allocate_connections(
     Returns:
         A :class:`Selection`. Deterministic: identical scores give identical selections.
     """
+    _check_allocation_args(top_percent=top_percent, c_min=c_min, budget=budget, unit=unit,
+                           share_power=share_power)
+    scores, shapes = _validate_scores(fisher)
+    blocks = _block_map(scores, model)
+    layer_of = {n: (f"block.{blocks[n]}" if unit == "block" and blocks[n] is not None else n)
+                for n in scores}
+    total_entries = sum(s.numel() for s in scores.values())
+    layer_counts, k = _layer_top_counts(scores, layer_of, top_percent, total_entries)  # eq. 3
+    shares = {layer: c / k for layer, c in layer_counts.items()}
+    scale, conns = _matrix_connections(scores, layer_of, layer_counts, share_power=share_power,
+                                       budget=budget, c_min=c_min, total_entries=total_entries)  # eq. 4
+    selection = Selection(*_select_rows(scores, shapes, blocks, layer_of, shares, conns), {  # eq. 5
+        "top_percent": float(top_percent), "unit": unit, "scale": scale, "share_power": float(share_power),
+        "budget": None if budget is None else float(budget),
+    })
+    neurons = sum(s.shape[0] for s in scores.values())
+    if budget is not None and budget * total_entries < neurons:
+        warnings.warn(
+            f"budget={budget} is below what eq. 4 allows (one connection per neuron = "
+            f"{neurons / total_entries:.4%} of the scored weights); selected "
+            f"{selection.fraction:.4%} instead", TrptsWarning, stacklevel=2)
+    return selection
+
+
+def _check_allocation_args(*, top_percent: float, c_min: float | None, budget: float | None, unit: str,
+                           share_power: float) -> None:
+    """Raise :class:`TrptsValueError` naming the first invalid argument of :func:`allocate_connections`."""
     if not (isinstance(top_percent, (int, float)) and 0 < top_percent <= 100):
         raise TrptsValueError(f"top_percent must be in (0, 100] (a percentage), got {top_percent!r}")
     if c_min is not None and budget is not None:
@@ -386,23 +413,26 @@ def allocate_connections(
         raise TrptsValueError(f"share_power must be a finite number >= 0 (1 = eq. 4, 0 = uniform), "
                               f"got {share_power!r}")
 
-    scores, shapes = _validate_scores(fisher)
-    blocks = _block_map(scores, model)
 
-    # Eq. 3: share of the global top-M % per layer.
-    layer_of = {n: (f"block.{blocks[n]}" if unit == "block" and blocks[n] is not None else n)
-                for n in scores}
-    total_entries = sum(s.numel() for s in scores.values())
+def _layer_top_counts(scores: dict[str, Tensor], layer_of: Mapping[str, str], top_percent: float,
+                      total_entries: int) -> tuple[dict[str, int], int]:
+    """Eq. 3: how many of the global top-``top_percent`` % entries (``k`` of them) each layer
+    holds. Returns ``({layer: count}, k)``."""
     k = max(1, math.ceil(top_percent / 100 * total_entries))
-    counts = _top_counts(scores, k)
     layer_counts: dict[str, int] = {}
-    for n, c in counts.items():
+    for n, c in _top_counts(scores, k).items():
         layer_counts[layer_of[n]] = layer_counts.get(layer_of[n], 0) + c
-    shares = {layer: c / k for layer, c in layer_counts.items()}
+    return layer_counts, k
 
-    # Eq. 4: C_l = scale * w_l / min(w) = scale * n_l / min(n). A layer holding none of the
-    # top-M % counts as holding one entry (the estimate's resolution): no division by zero,
-    # and exactly eq. 4 whenever every layer holds at least one.
+
+def _matrix_connections(scores: dict[str, Tensor], layer_of: Mapping[str, str], layer_counts: Mapping[str, int],
+                        *, share_power: float, budget: float | None, c_min: float | None,
+                        total_entries: int) -> tuple[float, list[int]]:
+    """Eq. 4: connections per row ``C`` of each matrix (in ``scores`` order) and the scale
+    (C_min) they come from: ``c_min`` (default 1), or solved so the total meets ``budget``."""
+    # C_l = scale * w_l / min(w) = scale * n_l / min(n). A layer holding none of the top-M %
+    # counts as holding one entry (the estimate's resolution): no division by zero, and
+    # exactly eq. 4 whenever every layer holds at least one.
     floor_count = max(1, min(layer_counts.values()))
     names = list(scores)
     ratios = [(max(layer_counts[layer_of[n]], 1) / floor_count) ** share_power for n in names]
@@ -412,25 +442,21 @@ def allocate_connections(
         scale = _solve_scale(budget * total_entries, ratios, fan_ins, rows)
     else:
         scale = float(c_min) if c_min is not None else 1.0
-    conns = _connections(scale, ratios, fan_ins)
+    return scale, _connections(scale, ratios, fan_ins)
 
+
+def _select_rows(scores: dict[str, Tensor], shapes: Mapping[str, tuple[int, ...]],
+                 blocks: Mapping[str, int | None], layer_of: Mapping[str, str], shares: Mapping[str, float],
+                 conns: list[int]) -> tuple[dict[str, Tensor], dict[str, MatrixAllocation]]:
+    """Eq. 5: each row's top-``C`` columns (int64 ``[rows, C]``) and the per-matrix records."""
     selection_tensors: dict[str, Tensor] = {}
     matrices: dict[str, MatrixAllocation] = {}
-    for n, c in zip(names, conns, strict=True):
-        selection_tensors[n] = _row_topk(scores[n], c)  # Eq. 5
+    for n, c in zip(scores, conns, strict=True):
+        selection_tensors[n] = _row_topk(scores[n], c)
         matrices[n] = MatrixAllocation(name=n, shape=shapes[n], rows=scores[n].shape[0],
                                        fan_in=scores[n].shape[1], layer=layer_of[n],
                                        block=blocks[n], share=shares[layer_of[n]], connections=c)
-    selection = Selection(selection_tensors, matrices, {
-        "top_percent": float(top_percent), "unit": unit, "scale": scale, "share_power": float(share_power),
-        "budget": None if budget is None else float(budget),
-    })
-    if budget is not None and budget * total_entries < sum(rows):
-        warnings.warn(
-            f"budget={budget} is below what eq. 4 allows (one connection per neuron = "
-            f"{sum(rows) / total_entries:.4%} of the scored weights); selected "
-            f"{selection.fraction:.4%} instead", TrptsWarning, stacklevel=2)
-    return selection
+    return selection_tensors, matrices
 
 
 def _block_map(scores: Mapping[str, Tensor], model: nn.Module | None) -> dict[str, int | None]:

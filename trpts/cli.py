@@ -60,11 +60,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import timm
+    from .models._timm_common import create_model
 
     meta, _ = read_delta(args.file)
-    model = timm.create_model(args.model, pretrained=False, **({"num_classes": args.num_classes}
-                                                               if args.num_classes is not None else {}))
+    model = create_model(args.model, **({"num_classes": args.num_classes} if args.num_classes is not None else {}))
     if args.weights:
         weights = Path(args.weights)
         if weights.suffix == ".safetensors":

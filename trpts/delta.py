@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._state import model_state, update_state
 from ._utils import atomic_write, unwrap_model
 from .delta_format import (
     FORMAT_VERSION,
@@ -31,26 +32,19 @@ from .delta_format import (
 )
 from .errors import FingerprintMismatchError, TrptsKeyError, TrptsRuntimeError, TrptsValueError
 from .masking import MaskHandle, get_mask_handle
-from .models import GENERIC, get_adapter
+from .models import GENERIC, ModelAdapter, TokenAdapter, get_adapter
 from .tokens import TokenConfig, apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
 
-_BANK_ATTR = "_trpts_deltas"
 PathLike = str | os.PathLike[str]
 
 
 # ---- writing ----------------------------------------------------------------------------------
 
 
-def _architecture(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
-    return f"{type(model).__name__}" + (f":{arch}" if arch else "")
-
-
-def _head_paths(model: nn.Module) -> list[str]:
-    ids = {id(h) for h in get_adapter(model).heads(model)}
+def _head_paths(model: nn.Module, adapter: ModelAdapter) -> list[str]:
+    ids = {id(h) for h in adapter.heads(model)}
     return [n for n, m in model.named_modules() if id(m) in ids]
 
 
@@ -80,21 +74,20 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         raise TrptsValueError(f"dtype must be a floating dtype such as torch.float16, got {dtype!r}")
     selection = handle.selection
     params = dict(base.named_parameters())
-    heads = _head_paths(base)
     adapter = get_adapter(base)
-    canon = adapter.canonical_name  # layout-independent names in the file
+    heads = _head_paths(base, adapter)
     tensors: dict[str, Tensor] = {}
     matrices: dict[str, Any] = {}
     for m, info in selection.matrices.items():
         p = params[m]
         idx = selection.indices(m)
         values = handle.selected_values(m)  # the weight's entries, or sparse storage's vector
-        tensors[f"values:{canon(m)}"] = values.to(dtype or p.dtype).cpu().contiguous()
-        tensors[f"columns:{canon(m)}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
-        matrices[canon(m)] = {"shape": list(info.shape), "connections": info.connections}
+        tensors[f"values:{m}"] = values.to(dtype or p.dtype).cpu().contiguous()
+        tensors[f"columns:{m}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
+        matrices[m] = {"shape": list(info.shape), "connections": info.connections}
     full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
     for n, p in full.items():
-        tensors[f"full:{canon(n)}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
+        tensors[f"full:{n}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
     base_values = handle.base_values
     tokens = get_token_config(base)
     meta = {
@@ -102,13 +95,13 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "trpts_version": _version(),
         "name": name or Path(path).stem,
         "family": adapter.family,
-        "architecture": _architecture(base),
+        "architecture": adapter.architecture(base),
         "matrices": matrices,
-        "full": {canon(n): list(p.shape) for n, p in full.items()},
+        "full": {n: list(p.shape) for n, p in full.items()},
         "heads": [h for h in heads if any(n.startswith(h + ".") for n in full)],
         "tokens": tokens.to_dict() if tokens else None,
         "selection": selection.config,
-        "fingerprint": fingerprint({canon(m): (tuple(selection.matrices[m].shape), base_values[m])
+        "fingerprint": fingerprint({m: (tuple(selection.matrices[m].shape), base_values[m])
                                     for m in selection.matrices}),
         "user": dict(metadata or {}),
     }
@@ -135,11 +128,11 @@ class _Task:
 class _Bank:
     """Everything needed to switch a backbone between tasks exactly."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, adapter: ModelAdapter):
         self.model = model
         self.tasks: dict[str, _Task] = {}
         self.active: str | None = None
-        self.original_heads = {p: model.get_submodule(p) for p in _head_paths(model)}
+        self.original_heads = {p: model.get_submodule(p) for p in _head_paths(model, adapter)}
         self.original_tokens = get_token_config(model)
         self.params = dict(model.named_parameters())  # parameter objects are stable; no walk per switch
 
@@ -180,11 +173,8 @@ class _Bank:
         self.active = None
 
 
-def _bank(model: nn.Module, create: bool = False) -> _Bank | None:
-    bank = getattr(model, _BANK_ATTR, None)
-    if bank is None and create:
-        bank = _Bank(model)
-    return bank
+def _bank(model: nn.Module) -> _Bank | None:
+    return model_state(model).deltas
 
 
 class DeltaHandle:
@@ -223,7 +213,7 @@ class DeltaHandle:
             bank.deactivate()
         del bank.tasks[self.name]
         if not bank.tasks:
-            delattr(self._model, _BANK_ATTR)
+            update_state(self._model, deltas=None)
 
     def __repr__(self) -> str:
         return f"DeltaHandle({self.name!r}, {'active' if self.active else 'inactive'})"
@@ -273,37 +263,36 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
     if bank is not None and name in bank.tasks:
         raise TrptsValueError(f"a delta named {name!r} is already loaded; pass another name= "
                               f"(loaded: {list(bank.tasks)})")
-    local = _check_fit(base, meta, path, tokens)  # 2. this model has what the delta writes to
-    task = _build_task(base, name, meta, tensors, local, path, tokens)  # 3. without touching the model
-    _install(base, bank, task, path, ignore_fingerprint)  # 4. fingerprint check, then activate
+    adapter = get_adapter(base)
+    _check_fit(base, adapter, meta, path, tokens)  # 2. this model has what the delta writes to
+    task = _build_task(base, name, meta, tensors, path, tokens)  # 3. without touching the model
+    _install(base, adapter, bank, task, path, ignore_fingerprint)  # 4. fingerprint check, then activate
     return DeltaHandle(base, name)
 
 
-def _check_fit(base: nn.Module, meta: dict[str, Any], path: PathLike, tokens: bool) -> dict[str, str]:
+def _check_fit(base: nn.Module, adapter: ModelAdapter, meta: dict[str, Any], path: PathLike, tokens: bool) -> None:
     """Check that the delta fits ``base`` (family, parameters and shapes, heads, token-selection
-    blocks); return the model's local name of every parameter the file names."""
+    blocks)."""
     params = dict(base.named_parameters())
-    adapter = get_adapter(base)
     family = adapter.family
     if (meta.get("family") or GENERIC.family) != family:  # files before 0.2 stored None for generic
         raise TrptsValueError(f"{path} was trained on a {meta.get('family')} model ({meta.get('architecture')}); "
-                              f"this model is {family} ({_architecture(base)})")
-    local = {n: adapter.local_name(n, base) for n in (*meta["matrices"], *meta["full"])}
+                              f"this model is {family} ({adapter.architecture(base)})")
     for m, info in meta["matrices"].items():
-        if local[m] not in params:
-            raise TrptsValueError(f"{path} holds {m!r}, which this model ({_architecture(base)}) does not have: "
-                                  "a different architecture")
-        if list(params[local[m]].shape) != list(info["shape"]):
+        if m not in params:
+            raise TrptsValueError(f"{path} holds {m!r}, which this model ({adapter.architecture(base)}) does "
+                                  "not have: a different architecture")
+        if list(params[m].shape) != list(info["shape"]):
             raise TrptsValueError(f"{path}: {m!r} has shape {info['shape']} in the delta but "
-                                  f"{list(params[local[m]].shape)} in the model: a different architecture")
+                                  f"{list(params[m].shape)} in the model: a different architecture")
     heads = list(meta["heads"])
     for n, shape in meta["full"].items():
         in_head = any(n.startswith(h + ".") for h in heads)
-        if local[n] not in params and not in_head:
+        if n not in params and not in_head:
             raise TrptsValueError(f"{path} holds {n!r}, which this model does not have")
-        if not in_head and list(params[local[n]].shape) != list(shape):
+        if not in_head and list(params[n].shape) != list(shape):
             raise TrptsValueError(f"{path}: {n!r} has shape {shape} in the delta but "
-                                  f"{list(params[local[n]].shape)} here")
+                                  f"{list(params[n].shape)} here")
     modules = dict(base.named_modules())
     for h in heads:
         if h not in modules:
@@ -312,7 +301,7 @@ def _check_fit(base: nn.Module, meta: dict[str, Any], path: PathLike, tokens: bo
             raise TrptsValueError(f"{path}: the head {h!r} must be an nn.Linear with a stored weight")
     token_config = meta["tokens"] if tokens else None
     if token_config:
-        if not adapter.supports_tokens:
+        if not isinstance(adapter, TokenAdapter):
             raise TrptsValueError(f"the delta was trained with token selection, which the {adapter.family} "
                                   "adapter does not support; pass tokens=False")
         adapter.check_token_support(base)
@@ -321,29 +310,28 @@ def _check_fit(base: nn.Module, meta: dict[str, Any], path: PathLike, tokens: bo
             if not 0 <= i < len(blocks):
                 raise TrptsValueError(f"the delta's token-selection blocks {token_config['layers']} do not exist here")
             adapter.check_block(blocks[i])
-    return local
 
 
 def _build_task(base: nn.Module, name: str, meta: dict[str, Any], tensors: dict[str, Tensor],
-                local: dict[str, str], path: PathLike, tokens: bool) -> _Task:
+                path: PathLike, tokens: bool) -> _Task:
     """The task's positions, values, fully trained tensors and new heads, on the model's devices
-    and dtypes (tensors keep file, canonical names; the task, local ones). Touches nothing."""
+    and dtypes. Touches nothing."""
     params = dict(base.named_parameters())
     modules = dict(base.named_modules())
     heads = list(meta["heads"])
     task = _Task(name=name, meta=meta, path=str(path), index={}, values={},
                  apply_tokens=bool(meta["tokens"] if tokens else None))
     for m, info in meta["matrices"].items():
-        p = params[local[m]]
+        p = params[m]
         cols = tensors[f"columns:{m}"].to(torch.int64)
         n_rows, fan_in = rows_fan_in(info)
         rows = torch.arange(n_rows, dtype=torch.int64).unsqueeze(1)
-        task.index[local[m]] = (rows * fan_in + cols).view(-1).to(p.device)
-        task.values[local[m]] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
+        task.index[m] = (rows * fan_in + cols).view(-1).to(p.device)
+        task.values[m] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
     for n in meta["full"]:
         if not any(n.startswith(h + ".") for h in heads):
-            q = params[local[n]]
-            task.full[local[n]] = tensors[f"full:{n}"].to(device=q.device, dtype=q.dtype)
+            q = params[n]
+            task.full[n] = tensors[f"full:{n}"].to(device=q.device, dtype=q.dtype)
     for h in heads:
         original = modules[h]
         weight = tensors[f"full:{h}.weight"]
@@ -358,12 +346,13 @@ def _build_task(base: nn.Module, name: str, meta: dict[str, Any], tensors: dict[
     return task
 
 
-def _install(base: nn.Module, existing: _Bank | None, task: _Task, path: PathLike, ignore_fingerprint: bool) -> None:
+def _install(base: nn.Module, adapter: ModelAdapter, existing: _Bank | None, task: _Task, path: PathLike,
+             ignore_fingerprint: bool) -> None:
     """Record the backbone's values at the task's entries, check the fingerprint, add the task
     to the bank and activate it; on any error the model is left as it was."""
     meta = task.meta
     params = dict(base.named_parameters())
-    bank = existing if existing is not None else _Bank(base)
+    bank = existing if existing is not None else _Bank(base, adapter)
     previous = bank.active
     bank.deactivate()  # exact: the plain backbone, to read its values at the task's entries
     with torch.no_grad():
@@ -371,9 +360,7 @@ def _install(base: nn.Module, existing: _Bank | None, task: _Task, path: PathLik
             task.base_values[m] = params[m].detach().view(-1)[idx].clone()
         for n in task.full:
             task.base_full[n] = params[n].detach().clone()
-    local = get_adapter(base).local_name
-    got = fingerprint({m: (tuple(info["shape"]), task.base_values[local(m, base)])
-                       for m, info in meta["matrices"].items()})
+    got = fingerprint({m: (tuple(info["shape"]), task.base_values[m]) for m, info in meta["matrices"].items()})
     if got != meta["fingerprint"] and not ignore_fingerprint:
         bank.activate(previous)
         raise FingerprintMismatchError(
@@ -389,7 +376,7 @@ def _install(base: nn.Module, existing: _Bank | None, task: _Task, path: PathLik
         bank.activate(previous)
         raise
     if existing is None:
-        setattr(base, _BANK_ATTR, bank)
+        update_state(base, deltas=bank)
 
 
 def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *,

@@ -221,63 +221,85 @@ _TOKEN_FIELDS = {"layers": "an array of block indices", "rho": "a number", "num_
 def validate(meta: Mapping[str, Any], tensors: Mapping[str, Tensor], path: PathLike) -> None:
     """Check that ``meta`` is well-formed trpts metadata describing exactly ``tensors``;
     raise :class:`~trpts.errors.DeltaFormatError` naming ``path`` and the problem otherwise."""
-
-    def bad(problem: str) -> NoReturn:
-        raise DeltaFormatError(f"{path}: {problem}")
-
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        bad(f"the trpts metadata lacks {missing}")
-    for key, (types, what) in (_REQUIRED | _OPTIONAL).items():
-        if key in meta and not isinstance(meta[key], types):
-            bad(f"the metadata field {key!r} must be {what}, got {type(meta[key]).__name__}")
-    fp = meta["fingerprint"]
-    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-        bad(f"the fingerprint must be 64 lowercase hex digits, got {fp[:70]!r}")
-    if not all(isinstance(h, str) for h in meta["heads"]):
-        bad("the metadata field 'heads' must be an array of strings")
-    tokens = meta["tokens"]
-    if tokens is not None:
-        for key, what in _TOKEN_FIELDS.items():
-            value = tokens.get(key)
-            ok = {"layers": isinstance(value, list) and all(_is_int(i) for i in value), "rho": _is_number(value),
-                  "num_prefix_tokens": _is_int(value)}.get(key, isinstance(value, str))
-            if not ok:
-                bad(f"tokens[{key!r}] must be {what}, got {value!r}")
-
+    _check_header(meta, path)
+    _check_tokens(meta["tokens"], path)
     expected: set[str] = set()
     for m, info in meta["matrices"].items():
-        if not isinstance(info, dict) or not _is_shape(info.get("shape")) or len(info["shape"]) < 2 \
-                or not _is_int(info.get("connections")):
-            bad(f"matrices[{m!r}] must be {{'shape': [rows, in, ...], 'connections': C}}, got {info!r}"[:300])
-        rows, fan_in = rows_fan_in(info)
-        if not 0 <= info["connections"] <= fan_in:
-            bad(f"matrices[{m!r}] has {info['connections']} connections per row, outside 0..{fan_in}")
-        shape = (rows, info["connections"])
-        for key, dtypes in ((f"values:{m}", VALUE_DTYPES), (f"columns:{m}", COLUMN_DTYPES)):
-            expected.add(key)
-            if key not in tensors:
-                bad(f"it lacks the tensor {key!r}")
-            if tuple(tensors[key].shape) != shape:
-                bad(f"{key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
-            if tensors[key].dtype not in dtypes:
-                bad(f"{key!r} has dtype {tensors[key].dtype}, expected one of {[str(d) for d in dtypes]}")
-        cols = tensors[f"columns:{m}"].to(torch.int64)
-        if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= fan_in):
-            bad(f"columns of {m!r} fall outside 0..{fan_in - 1}")
-        if cols.shape[1] > 1 and not bool((cols[:, 1:] > cols[:, :-1]).all()):
-            bad(f"columns of {m!r} are not strictly increasing in every row")
+        expected.update(_check_matrix(m, info, tensors, path))
     for n, shape in meta["full"].items():
-        key = f"full:{n}"
-        expected.add(key)
-        if not _is_shape(shape):
-            bad(f"full[{n!r}] must be a shape (an array of sizes), got {shape!r}"[:300])
-        if key not in tensors:
-            bad(f"it lacks the tensor {key!r}")
-        if list(tensors[key].shape) != shape:
-            bad(f"{key!r} has shape {list(tensors[key].shape)}, expected {shape}")
-        if tensors[key].dtype not in VALUE_DTYPES:
-            bad(f"{key!r} has dtype {tensors[key].dtype}, expected a floating dtype")
+        expected.add(_check_full(n, shape, tensors, path))
     extra = sorted(set(tensors) - expected)
     if extra:
-        bad(f"it holds tensors its metadata does not describe: {extra[:5]}")
+        _bad(path, f"it holds tensors its metadata does not describe: {extra[:5]}")
+
+
+def _bad(path: PathLike, problem: str) -> NoReturn:
+    raise DeltaFormatError(f"{path}: {problem}")
+
+
+def _check_header(meta: Mapping[str, Any], path: PathLike) -> None:
+    """Required keys present, every known field of its JSON type, a hex fingerprint, string heads."""
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        _bad(path, f"the trpts metadata lacks {missing}")
+    for key, (types, what) in (_REQUIRED | _OPTIONAL).items():
+        if key in meta and not isinstance(meta[key], types):
+            _bad(path, f"the metadata field {key!r} must be {what}, got {type(meta[key]).__name__}")
+    fp = meta["fingerprint"]
+    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        _bad(path, f"the fingerprint must be 64 lowercase hex digits, got {fp[:70]!r}")
+    if not all(isinstance(h, str) for h in meta["heads"]):
+        _bad(path, "the metadata field 'heads' must be an array of strings")
+
+
+def _check_tokens(tokens: Mapping[str, Any] | None, path: PathLike) -> None:
+    """The token-selection settings (``None``: no token selection) have every field, well typed."""
+    if tokens is None:
+        return
+    for key, what in _TOKEN_FIELDS.items():
+        value = tokens.get(key)
+        ok = {"layers": isinstance(value, list) and all(_is_int(i) for i in value), "rho": _is_number(value),
+              "num_prefix_tokens": _is_int(value)}.get(key, isinstance(value, str))
+        if not ok:
+            _bad(path, f"tokens[{key!r}] must be {what}, got {value!r}")
+
+
+def _check_matrix(m: str, info: Any, tensors: Mapping[str, Tensor], path: PathLike) -> tuple[str, str]:
+    """One ``matrices`` entry and its ``values:``/``columns:`` tensors (both ``[rows, C]``, the
+    columns in ``0..fan_in-1`` and strictly increasing per row). Returns the two tensor names."""
+    if not isinstance(info, dict) or not _is_shape(info.get("shape")) or len(info["shape"]) < 2 \
+            or not _is_int(info.get("connections")):
+        _bad(path, f"matrices[{m!r}] must be {{'shape': [rows, in, ...], 'connections': C}}, got {info!r}"[:300])
+    rows, fan_in = rows_fan_in(info)
+    if not 0 <= info["connections"] <= fan_in:
+        _bad(path, f"matrices[{m!r}] has {info['connections']} connections per row, outside 0..{fan_in}")
+    shape = (rows, info["connections"])
+    keys = (f"values:{m}", f"columns:{m}")
+    for key, dtypes in zip(keys, (VALUE_DTYPES, COLUMN_DTYPES), strict=True):
+        if key not in tensors:
+            _bad(path, f"it lacks the tensor {key!r}")
+        if tuple(tensors[key].shape) != shape:
+            _bad(path, f"{key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        if tensors[key].dtype not in dtypes:
+            _bad(path, f"{key!r} has dtype {tensors[key].dtype}, expected one of {[str(d) for d in dtypes]}")
+    cols = tensors[keys[1]].to(torch.int64)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= fan_in):
+        _bad(path, f"columns of {m!r} fall outside 0..{fan_in - 1}")
+    if cols.shape[1] > 1 and not bool((cols[:, 1:] > cols[:, :-1]).all()):
+        _bad(path, f"columns of {m!r} are not strictly increasing in every row")
+    return keys
+
+
+def _check_full(n: str, shape: Any, tensors: Mapping[str, Tensor], path: PathLike) -> str:
+    """One ``full`` entry (a tensor stored whole, e.g. a head weight) and its floating ``full:``
+    tensor of exactly that shape. Returns the tensor name."""
+    key = f"full:{n}"
+    if not _is_shape(shape):
+        _bad(path, f"full[{n!r}] must be a shape (an array of sizes), got {shape!r}"[:300])
+    if key not in tensors:
+        _bad(path, f"it lacks the tensor {key!r}")
+    if list(tensors[key].shape) != shape:
+        _bad(path, f"{key!r} has shape {list(tensors[key].shape)}, expected {shape}")
+    if tensors[key].dtype not in VALUE_DTYPES:
+        _bad(path, f"{key!r} has dtype {tensors[key].dtype}, expected a floating dtype")
+    return key

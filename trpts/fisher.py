@@ -8,7 +8,7 @@ over all ranks so that every rank gets identical scores.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._utils import canonical_name, iter_limited, unwrap_model
 from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError
-from .models import get_adapter
+from .models import ModelAdapter, get_adapter
 
 __all__ = ["compute_fisher", "default_scored_parameters"]
 
@@ -36,10 +36,10 @@ def default_scored_parameters(model: nn.Module) -> list[str]:
     return get_adapter(base).scored_parameters(base)
 
 
-def _resolve_params(base: nn.Module, params: ParamSelector) -> dict[str, nn.Parameter]:
+def _resolve_params(base: nn.Module, adapter: ModelAdapter, params: ParamSelector) -> dict[str, nn.Parameter]:
     named = dict(base.named_parameters())
     if params is None:
-        names = get_adapter(base).scored_parameters(base)
+        names = adapter.scored_parameters(base)
         if not names:
             raise TrptsValueError(
                 f"{type(base).__name__} has no weights to score by default (nn.Linear layers outside "
@@ -60,43 +60,6 @@ def _resolve_params(base: nn.Module, params: ParamSelector) -> dict[str, nn.Para
     if not names:
         raise TrptsValueError("params selected no parameters; nothing to score")
     return {n: named[n] for n in dict.fromkeys(names)}
-
-
-def _unpack(batch: Any) -> tuple[Any, Tensor]:
-    """``(inputs, targets)`` from a tuple/list batch or a Hugging Face style dict."""
-    if isinstance(batch, Mapping):
-        missing = [k for k in ("pixel_values", "labels") if k not in batch]
-        if missing:
-            raise TrptsValueError(
-                f"dict batches need the keys 'pixel_values' and 'labels'; missing {missing} "
-                f"(got {sorted(batch)})"
-            )
-        return batch["pixel_values"], batch["labels"]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TrptsTypeError(
-        "each batch must be an (inputs, targets) tuple or a dict with 'pixel_values' and "
-        f"'labels'; got {type(batch).__name__}"
-    )
-
-
-def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TrptsTypeError(
-        "the model must return a logits tensor, an object with .logits, or a tuple whose first "
-        f"element is the logits; got {type(output).__name__}"
-    )
-
-
-def _default_loss(output: Any, targets: Tensor) -> Tensor:
-    """Cross-entropy on the model's logits."""
-    return F.cross_entropy(_logits(output), targets)
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -170,47 +133,74 @@ def compute_fisher(
         and compile's ``_orig_mod.`` prefixes removed); each value is float32, on the
         parameter's device, of the parameter's shape, finite and ``>= 0``.
     """
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise TrptsValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise TrptsValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if not isinstance(model, nn.Module):
-        raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_arguments(model, num_batches, chunk_size)
     base = unwrap_model(model)
-    scored = _resolve_params(base, params)
-    loss_fn = loss_fn if loss_fn is not None else _default_loss
+    adapter = get_adapter(base)
+    scored = _resolve_params(base, adapter, params)
+    if loss_fn is None:
+        def loss_fn(output: Any, targets: Tensor) -> Tensor:  # cross-entropy on the logits
+            return _cross_entropy(adapter.logits(output), targets)
     device = next(iter(scored.values())).device
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in scored.items()}
     count = 0
-
-    from tqdm.auto import tqdm
-
-    total = num_batches
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
-    elif total is not None and hasattr(data, "__len__"):
-        total = min(total, len(data))  # type: ignore[arg-type]
-    bar = tqdm(iter_limited(data, num_batches), total=total, desc="trpts Fisher",
-               unit="batch", disable=not progress, leave=False)
-
     with _preserved_state(base, scored, train_mode), torch.inference_mode(False), torch.enable_grad():
-        for batch in bar:
-            inputs, targets = _unpack(batch)
-            inputs, targets = _to(inputs, device), _to(targets, device)
+        for batch in _progress_bar(data, num_batches, progress):
+            inputs, targets = (_to(t, device) for t in adapter.batch(batch))
             n = int(targets.shape[0]) if isinstance(targets, Tensor) and targets.ndim else 0
             if n == 0:
                 continue
             if per_sample:
                 _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode)
             else:
-                loss = loss_fn(base(inputs), targets)
-                grads = torch.autograd.grad(loss, list(scored.values()), allow_unused=True)
-                for (name, _), g in zip(scored.items(), grads, strict=True):
-                    if g is not None:
-                        g = g.float()
-                        sums[name].addcmul_(g, g, value=float(n))
+                _accumulate_batch(base, scored, sums, inputs, targets, loss_fn, n)
             count += n
+    return _average(sums, count, device)
 
+
+def _check_arguments(model: Any, num_batches: Any, chunk_size: Any) -> None:
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise TrptsValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise TrptsValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(model, nn.Module):
+        raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """The default loss; logits ``(B, classes)``, targets ``(B,)`` int64."""
+    if logits.ndim != 2:
+        raise TrptsValueError(
+            f"the default loss (cross-entropy) needs logits of shape (batch, classes); the model returned "
+            f"{tuple(logits.shape)} (a model without pooling, e.g. timm global_pool=''?). Pass "
+            "loss_fn=(output, targets) -> scalar loss"
+        )
+    return F.cross_entropy(logits, targets)
+
+
+def _progress_bar(data: Iterable[Any], num_batches: int | None, progress: bool) -> Iterable[Any]:
+    """The first ``num_batches`` batches of ``data`` behind a tqdm bar (off unless ``progress``)."""
+    from tqdm.auto import tqdm
+
+    total = num_batches
+    if hasattr(data, "__len__"):
+        total = len(data) if total is None else min(total, len(data))  # type: ignore[arg-type]
+    return tqdm(iter_limited(data, num_batches), total=total, desc="trpts Fisher",
+                unit="batch", disable=not progress, leave=False)
+
+
+def _accumulate_batch(base: nn.Module, scored: dict[str, nn.Parameter], sums: dict[str, Tensor],
+                      inputs: Any, targets: Tensor, loss_fn: LossFn, n: int) -> None:
+    """Add ``n g_b^2`` of one batch's mean gradient ``g_b`` to ``sums`` (the microbatch estimate)."""
+    loss = loss_fn(base(inputs), targets)
+    grads = torch.autograd.grad(loss, list(scored.values()), allow_unused=True)
+    for (name, _), g in zip(scored.items(), grads, strict=True):
+        if g is not None:
+            g = g.float()
+            sums[name].addcmul_(g, g, value=float(n))
+
+
+def _average(sums: dict[str, Tensor], count: int, device: torch.device) -> dict[str, Tensor]:
+    """``sums / samples``, both summed over ranks under ``torch.distributed``; checked finite."""
     count_t = torch.tensor([float(count)], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(count_t)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._utils import unwrap_model
 from .errors import TrptsValueError
-from .models import get_token_adapter
+from .models import TokenAdapter, get_token_adapter
 from .tokens import TokenSelectMerge, get_token_config
 
 __all__ = ["count_flops", "token_counts"]
@@ -39,7 +39,10 @@ def token_counts(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int,
     """``(tokens in, tokens after the block's reduction)`` for every block, for one image of
     ``input_size = (B, C, H, W)`` or ``(C, H, W)``."""
     base = unwrap_model(model)
-    adapter = get_token_adapter(base)
+    return _token_counts(base, get_token_adapter(base), input_size)
+
+
+def _token_counts(base: nn.Module, adapter: TokenAdapter, input_size: Sequence[int]) -> list[tuple[int, int]]:
     height, width = int(input_size[-2]), int(input_size[-1])
     n = _patches(adapter.patch_embedding(base), height, width) + adapter.num_prefix_tokens(base)
     config = get_token_config(base)
@@ -73,12 +76,11 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
     for linear in _linears(base):  # outside the blocks: head(s), pooler, on one token each
         if id(linear) not in inside:
             flops += 2 * linear.in_features * linear.out_features
-    for block, (n_in, n_out) in zip(blocks, token_counts(base, input_size), strict=True):
+    for block, (n_in, n_out) in zip(blocks, _token_counts(base, adapter, input_size), strict=True):
         attention, mlp = adapter.attention_and_mlp(block)
         for linear in _linears(attention):
             flops += 2 * n_in * linear.in_features * linear.out_features
-        q_module, _, _ = adapter.query_key(block)
-        width_qk = q_module.out_features if isinstance(q_module, nn.Linear) else _qkv_width(attention)
+        width_qk = adapter.attention_width(block)
         flops += 4 * n_in * n_in * width_qk  # q k^T and A v over all heads
         for linear in _linears(mlp):
             flops += 2 * n_out * linear.in_features * linear.out_features
@@ -88,10 +90,3 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
             flops += 2 * n_patch * width_qk + 2 * n_patch * dim
     return batch * flops
 
-
-def _qkv_width(attention: nn.Module) -> int:
-    """Query width (heads x head_dim) of an attention with a fused qkv projection."""
-    qkv = getattr(attention, "qkv", None)
-    if isinstance(qkv, nn.Linear):
-        return qkv.out_features // 3
-    raise TrptsValueError(f"cannot infer the attention width of {type(attention).__name__}")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from ._state import model_state, update_state
 from ._utils import canonical_name, fmt_count, unwrap_model
 from .allocation import Selection
 from .errors import (
@@ -39,12 +40,9 @@ __all__ = ["MaskHandle", "SparseMaskHandle", "Storage", "apply_masks", "get_mask
 
 Storage = Literal["hooks", "sparse"]
 
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, MaskHandle] = weakref.WeakKeyDictionary()
-
-
 def get_mask_handle(model: nn.Module) -> MaskHandle | None:
     """The active :class:`MaskHandle` of ``model`` (DDP/compile wrappers removed), if any."""
-    return _ACTIVE.get(unwrap_model(model))
+    return model_state(model).masks
 
 
 class MaskHandle:
@@ -88,7 +86,7 @@ class MaskHandle:
         except BaseException:
             self.remove()
             raise
-        _ACTIVE[model] = self
+        update_state(model, masks=self)
 
     def _attach(self) -> None:
         """Add this storage to the model (here: gradient hooks and the weight-decay check)."""
@@ -106,8 +104,8 @@ class MaskHandle:
         for p, flag in self._flags:
             p.requires_grad_(flag)
         model = self._model_ref()
-        if model is not None and _ACTIVE.get(model) is self:
-            del _ACTIVE[model]
+        if model is not None and model_state(model).masks is self:
+            update_state(model, masks=None)
         self._active = False
 
     def _detach(self) -> None:
@@ -370,6 +368,25 @@ def apply_masks(
     Returns:
         A :class:`MaskHandle`; ``handle.remove()`` restores the model's hooks and flags.
     """
+    base = _check_arguments(model, selection, storage)
+    named = dict(base.named_parameters())
+    masked, frozen, full, base_values = _split_selection(base, named, selection, storage)
+    if train_head:
+        full.update({n: named[n] for n in _head_names(base, extra_trainable) if n not in full})
+    if train_biases:
+        full.update({n: p for n, p in _biases_of(base, named, masked).items() if n not in full})
+    full.update({n: p for n, p in _extra(base, named, masked, extra_trainable).items() if n not in full})
+    if storage == "sparse":
+        owners = _owners(base, named, masked)
+        handle: MaskHandle = SparseMaskHandle(base, selection, masked, frozen, full, base_values, owners)
+    else:
+        handle = MaskHandle(base, selection, masked, frozen, full, base_values)
+    handle._install()
+    return handle
+
+
+def _check_arguments(model: nn.Module, selection: Selection, storage: str) -> nn.Module:
+    """Validate :func:`apply_masks`' arguments; the unwrapped model."""
     if not isinstance(model, nn.Module):
         raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(selection, Selection):
@@ -379,18 +396,23 @@ def apply_masks(
     if storage not in ("hooks", "sparse"):
         raise TrptsValueError(f"storage must be 'hooks' or 'sparse', got {storage!r}")
     base = unwrap_model(model)
-    if base in _ACTIVE:
+    if get_mask_handle(base) is not None:
         raise TrptsRuntimeError(
             "this model already has masks applied; call handle.remove() (or "
             "trpts.get_mask_handle(model).remove()) before applying another selection"
         )
-    named = dict(base.named_parameters())
-    owner = {id(m.weight): m for m in base.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+    return base
 
+
+def _split_selection(base: nn.Module, named: dict[str, nn.Parameter], selection: Selection, storage: str,
+                     ) -> tuple[dict[str, nn.Parameter], dict[str, Tensor], dict[str, nn.Parameter], dict[str, Tensor]]:
+    """``(masked, frozen, full, base_values)``: the selected weights with frozen entries, their
+    frozen-entry masks (bool, hooks storage only), those selected in full, and the pretrained
+    values at the selected entries (1-D, the delta fingerprint)."""
     masked: dict[str, nn.Parameter] = {}
     frozen: dict[str, Tensor] = {}
-    base_values: dict[str, Tensor] = {}  # pretrained values at the selected entries (delta fingerprint)
     full: dict[str, nn.Parameter] = {}
+    base_values: dict[str, Tensor] = {}
     for name in selection:
         p = named.get(name)
         if p is None:
@@ -398,12 +420,12 @@ def apply_masks(
                 f"selection weight {name!r} is not a parameter of {type(base).__name__}; "
                 "was the selection made for another model?"
             )
-        if tuple(p.shape) != selection.matrices[name].shape:
+        info = selection.matrices[name]
+        if tuple(p.shape) != info.shape:
             raise TrptsValueError(
-                f"selection weight {name!r} has shape {selection.matrices[name].shape} but the "
+                f"selection weight {name!r} has shape {info.shape} but the "
                 f"model's parameter has shape {tuple(p.shape)}"
             )
-        info = selection.matrices[name]
         if info.connections == info.fan_in:
             full[name] = p
         else:
@@ -411,40 +433,54 @@ def apply_masks(
             if storage == "hooks":  # sparse storage needs no dense mask
                 frozen[name] = (~selection[name]).to(p.device)
         base_values[name] = p.detach().reshape(-1)[selection.flat_indices(name).to(p.device)].clone()
-    if train_head:
-        head_names = get_adapter(base).head_parameters(base)
-        if not head_names and not extra_trainable:
-            raise TrptsValueError(
-                f"train_head=True but trpts finds no classification head on {type(base).__name__} "
-                "(it looks for timm's get_classifier(), Hugging Face's classifier / "
-                "get_output_embeddings(), or a top-level head / fc with parameters). Name your head's "
-                "parameters with extra_trainable=[...], or pass train_head=False for a bare backbone"
-            )
-        for name in head_names:
-            full.setdefault(name, named[name])
-    if train_biases:
-        for name in masked:
-            module = owner.get(id(named[name]))
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                bias_name = next(n for n, q in named.items() if q is bias)
-                full.setdefault(bias_name, bias)
+    return masked, frozen, full, base_values
+
+
+def _head_names(base: nn.Module, extra_trainable: Iterable[str]) -> list[str]:
+    """The classification head's parameter names; an error when there is none to train."""
+    names = get_adapter(base).head_parameters(base)
+    if not names and not extra_trainable:
+        raise TrptsValueError(
+            f"train_head=True but trpts finds no classification head on {type(base).__name__} "
+            "(it looks for timm's get_classifier(), Hugging Face's classifier / "
+            "get_output_embeddings(), or a top-level head / fc with parameters). Name your head's "
+            "parameters with extra_trainable=[...], or pass train_head=False for a bare backbone"
+        )
+    return names
+
+
+def _owner_of(base: nn.Module) -> dict[int, nn.Module]:
+    return {id(m.weight): m for m in base.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+
+def _biases_of(base: nn.Module, named: dict[str, nn.Parameter],
+               masked: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The biases of the masked weights' modules (GPS trains them)."""
+    owner, name_of = _owner_of(base), {id(p): n for n, p in named.items()}
+    biases = (getattr(owner.get(id(p)), "bias", None) for p in masked.values())
+    return {name_of[id(b)]: b for b in biases if isinstance(b, nn.Parameter)}
+
+
+def _extra(base: nn.Module, named: dict[str, nn.Parameter], masked: dict[str, nn.Parameter],
+           extra_trainable: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The user's ``extra_trainable`` parameters, checked."""
+    out: dict[str, nn.Parameter] = {}
     for raw in extra_trainable:
         name = canonical_name(raw)
         if name not in named:
             raise TrptsKeyError(f"extra_trainable name {raw!r} is not a parameter of {type(base).__name__}")
         if name in masked:
             raise TrptsValueError(f"extra_trainable name {raw!r} is masked by the selection; drop it")
-        full.setdefault(name, named[name])
+        out[name] = named[name]
+    return out
 
-    if storage == "sparse":
-        owners = {}
-        for name in masked:
-            module = owner.get(id(named[name]))
-            check_sparse_module(name, module)
-            owners[name] = module
-        handle: MaskHandle = SparseMaskHandle(base, selection, masked, frozen, full, base_values, owners)
-    else:
-        handle = MaskHandle(base, selection, masked, frozen, full, base_values)
-    handle._install()
-    return handle
+
+def _owners(base: nn.Module, named: dict[str, nn.Parameter], masked: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """The module owning each masked weight, checked for sparse storage."""
+    owner = _owner_of(base)
+    owners = {}
+    for name in masked:
+        module = owner.get(id(named[name]))
+        check_sparse_module(name, module)
+        owners[name] = module
+    return owners

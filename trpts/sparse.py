@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._native import NativeKernelUnavailable, native_sddmm
 from .errors import TrptsTypeError, TrptsValueError, TrptsWarning
 
-__all__ = ["SparseStorage", "check_sparse_module", "set_sparse_kernel", "sparse_weight_grad"]
+__all__ = ["SparseStorage", "check_sparse_module", "get_sparse_kernel", "set_sparse_kernel", "sparse_weight_grad"]
 
 VALUES = "trpts_values"
 INDEX = "trpts_index"
@@ -40,7 +40,11 @@ _CHUNK_ELEMENTS = 1 << 24  # gathered inputs per row block (64 MiB in float32)
 
 
 Kernel = Literal["auto", "native", "compiled", "eager"]
-_kernel: Kernel = "auto"  # replaced from TRPTS_SPARSE_KERNEL below
+_KERNELS: tuple[Kernel, ...] = ("auto", "native", "compiled", "eager")
+_ENV = "TRPTS_SPARSE_KERNEL"
+# Read raw at import (so a typo never breaks ``import trpts``), validated at first use.
+_env_kernel: str = os.environ.get(_ENV) or "auto"
+_kernel: Kernel | None = None  # None: not chosen yet, take it from _env_kernel at first use
 _compiled: Any = None
 _broken: set[str] = set()  # kernels that failed once under "auto"
 
@@ -60,12 +64,31 @@ def set_sparse_kernel(kind: Kernel) -> None:
     - ``"auto"``: ``"native"`` on the CPU and ``"compiled"`` on CUDA, each falling back to the
       next (native, compiled, eager) with a :class:`TrptsWarning` if it cannot be built.
 
-    The environment variable ``TRPTS_SPARSE_KERNEL`` sets the initial choice.
+    The environment variable ``TRPTS_SPARSE_KERNEL`` sets the initial choice (checked at first
+    use, see :func:`get_sparse_kernel`); calling this function overrides it.
     """
     global _kernel
-    if kind not in ("auto", "native", "compiled", "eager"):
+    if kind not in _KERNELS:
         raise TrptsValueError(f"kind must be 'auto', 'native', 'compiled' or 'eager', got {kind!r}")
     _kernel = kind
+
+
+def get_sparse_kernel() -> Kernel:
+    """The kernel :func:`sparse_weight_grad` uses: the last :func:`set_sparse_kernel` choice,
+    else ``TRPTS_SPARSE_KERNEL`` (unset or empty: ``"auto"``).
+
+    Raises:
+        TrptsValueError: ``TRPTS_SPARSE_KERNEL`` holds another value and no kernel was set.
+    """
+    global _kernel
+    if _kernel is None:
+        if _env_kernel not in _KERNELS:
+            raise TrptsValueError(
+                f"environment variable {_ENV}={_env_kernel!r} is not a sparse kernel; allowed values are "
+                f"'auto', 'native', 'compiled' and 'eager'. Fix or unset {_ENV} (or call "
+                "trpts.sparse.set_sparse_kernel(...) to override it)")
+        _kernel = cast(Kernel, _env_kernel)  # checked against _KERNELS above
+    return _kernel
 
 
 def _gather_dot(xt: Tensor, gt: Tensor, index: Tensor) -> Tensor:
@@ -110,9 +133,12 @@ def sparse_weight_grad(x: Tensor, grad_out: Tensor, index: Tensor) -> Tensor:
         float32 ``[out, C]``: ``g[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]``, summed in
         float32, with the kernel chosen by :func:`set_sparse_kernel`; no ``[out, in]`` or
         ``nnz x nnz`` intermediate.
+
+    Raises:
+        TrptsValueError: ``TRPTS_SPARSE_KERNEL`` is invalid (see :func:`get_sparse_kernel`).
     """
     compiling = torch.compiler.is_compiling()  # inside the user's torch.compile: trace plain ops
-    kind = _kernel
+    kind = get_sparse_kernel()
     if (not compiling and x.device.type == "cpu" and kind in ("auto", "native")
             and not (kind == "auto" and "native" in _broken)):
         try:
@@ -376,5 +402,3 @@ def _load_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args
         w = state_dict[key]
         state_dict[prefix + VALUES] = w.reshape(index.shape[0], -1).gather(1, index.to(w.device)).reshape(-1)
 
-
-set_sparse_kernel(os.environ.get("TRPTS_SPARSE_KERNEL", "auto"))  # type: ignore[arg-type]

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._state import model_state, update_state
 from ._utils import unwrap_model
 from .allocation import Selection
 from .errors import TrptsRuntimeError, TrptsTypeError, TrptsValueError
-from .models import get_adapter, get_token_adapter
+from .models import TokenAdapter, get_adapter, get_token_adapter
 
 __all__ = [
     "TokenConfig",
@@ -182,13 +183,12 @@ class _BlockState:
         return out
 
 
-_CONFIG_ATTR = "_trpts_token_config"  # plain attributes: state_dict() keys never change
-_STATE_ATTR = "_trpts_tokens"
+_STATE_ATTR = "_trpts_tokens"  # a reducing block's state, read by its patched forward
 
 
 def get_token_config(model: nn.Module) -> TokenConfig | None:
     """The :class:`TokenConfig` of a model wrapped by :func:`wrap_vit`, or ``None``."""
-    return getattr(unwrap_model(model), _CONFIG_ATTR, None)
+    return model_state(model).tokens
 
 
 def _wrapped_states(model: nn.Module) -> dict[int, _BlockState]:
@@ -261,29 +261,34 @@ def wrap_vit(
     adapter = get_token_adapter(base)
     adapter.check_token_support(base)
     blocks = list(adapter.blocks(base))
-    depth = len(blocks)
     if layers is not None:
-        chosen = sorted({int(i) for i in layers})
-        bad = [i for i in chosen if not 0 <= i < depth]
-        if not chosen or bad:
-            raise TrptsValueError(f"layers must be non-empty block indices in 0..{depth - 1}, got {list(layers)}")
-        placement_name = "explicit"
+        chosen, placement_name = _explicit_layers(layers, len(blocks)), "explicit"
     else:
-        chosen = choose_layers(depth, num_layers, selection, placement, seed)
-        placement_name = placement
+        chosen, placement_name = choose_layers(len(blocks), num_layers, selection, placement, seed), placement
     prefix = adapter.num_prefix_tokens(base)
     for i in chosen:
         adapter.check_block(blocks[i])  # validate every block before patching any
-
     for i in chosen:
-        block = blocks[i]
-        q_mod, k_mod, to_heads = adapter.query_key(block)
-        state = _BlockState(TokenSelectMerge(rho, prefix), to_heads, adapter.attention_scale(block))
-        state.hooks = [q_mod.register_forward_hook(state.capture_q), k_mod.register_forward_hook(state.capture_k)]
-        block.forward = types.MethodType(adapter.reducing_forward(block), block)  # instance-level patch
-        setattr(block, _STATE_ATTR, state)
-    setattr(base, _CONFIG_ATTR, TokenConfig(tuple(chosen), float(rho), prefix, placement_name, adapter.family))
+        _patch_block(adapter, blocks[i], TokenSelectMerge(rho, prefix))
+    update_state(base, tokens=TokenConfig(tuple(chosen), float(rho), prefix, placement_name, adapter.family))
     return model
+
+
+def _explicit_layers(layers: Sequence[int], depth: int) -> list[int]:
+    chosen = sorted({int(i) for i in layers})
+    if not chosen or any(not 0 <= i < depth for i in chosen):
+        raise TrptsValueError(f"layers must be non-empty block indices in 0..{depth - 1}, got {list(layers)}")
+    return chosen
+
+
+def _patch_block(adapter: TokenAdapter, block: nn.Module, reducer: TokenSelectMerge) -> None:
+    """Give ``block`` its reducing forward (an instance-level patch) and the hooks that capture
+    its queries and keys."""
+    q_mod, k_mod, to_heads = adapter.query_key(block)
+    state = _BlockState(reducer, to_heads, adapter.attention_scale(block))
+    state.hooks = [q_mod.register_forward_hook(state.capture_q), k_mod.register_forward_hook(state.capture_k)]
+    block.forward = types.MethodType(adapter.reducing_forward(block), block)
+    setattr(block, _STATE_ATTR, state)
 
 
 def apply_token_config(model: nn.Module, config: TokenConfig | dict[str, Any] | None) -> nn.Module:
@@ -297,7 +302,7 @@ def apply_token_config(model: nn.Module, config: TokenConfig | dict[str, Any] | 
         tuple(config["layers"]), float(config["rho"]), int(config["num_prefix_tokens"]),
         str(config["placement"]), str(config["family"]))
     wrap_vit(model, rho=config.rho, layers=config.layers)
-    setattr(unwrap_model(model), _CONFIG_ATTR, config)  # keep the recorded placement label
+    update_state(model, tokens=config)  # keep the recorded placement label
     return model
 
 
@@ -311,7 +316,7 @@ def unwrap_vit(model: nn.Module) -> nn.Module:
             hook.remove()
         del blocks[i].forward
         delattr(blocks[i], _STATE_ATTR)
-    delattr(base, _CONFIG_ATTR)
+    update_state(base, tokens=None)
     return model
 
 

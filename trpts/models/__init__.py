@@ -1,33 +1,30 @@
 """Model-family adapters: one file per family, one small interface (:class:`ModelAdapter`).
 
-Adding a family is adding a file with a :class:`ModelAdapter` subclass and calling
-:func:`register_adapter` (or listing it in ``ADAPTERS`` below). A model no family matches gets
+Adding a family is adding a file here with a :class:`ModelAdapter` subclass (a
+:class:`TokenAdapter` subclass for a family with token selection) that sets ``family``: it is
+found at import. Code outside trpts calls :func:`register_adapter` instead. A model no family matches gets
 :class:`GenericAdapter` (parameter selection, storages and deltas; no token selection).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 from torch import nn
 
 from .._utils import unwrap_model
-from ..errors import TrptsError, UnsupportedModelError
-from .base import ModelAdapter
+from ..errors import UnsupportedModelError
+from .base import ModelAdapter, TokenAdapter
 from .generic import GenericAdapter
-from .hf_beit import HFBeitAdapter
-from .hf_clip import HFCLIPVisionAdapter
-from .hf_deit import HFDeiTAdapter
-from .hf_dinov2 import HFDinov2Adapter
-from .hf_siglip import HFSiglipVisionAdapter
-from .hf_vit import HFViTAdapter
-from .timm_beit import TimmBeitAdapter
-from .timm_eva import TimmEvaAdapter
-from .timm_vit import TimmViTAdapter
 
 __all__ = [
     "ADAPTERS",
     "GENERIC",
     "GenericAdapter",
     "ModelAdapter",
+    "TokenAdapter",
     "block_index_from_name",
     "find_adapter",
     "get_adapter",
@@ -36,9 +33,24 @@ __all__ = [
     "supported_families",
 ]
 
-ADAPTERS: list[ModelAdapter] = [TimmViTAdapter(), HFViTAdapter(), TimmEvaAdapter(), TimmBeitAdapter(),
-                                HFDeiTAdapter(), HFDinov2Adapter(), HFCLIPVisionAdapter(),
-                                HFSiglipVisionAdapter(), HFBeitAdapter()]
+
+def _discover() -> list[ModelAdapter]:
+    """One instance of every concrete adapter class defined in this package's family files
+    (modules not starting with ``_``, besides ``base`` and ``generic``), in file-name order."""
+    found: list[ModelAdapter] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_") or info.name in ("base", "generic"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for cls in vars(module).values():
+            if (isinstance(cls, type) and issubclass(cls, ModelAdapter) and cls.__module__ == module.__name__
+                    and not inspect.isabstract(cls) and "family" in vars(cls)):
+                found.append(cls())
+    return found
+
+
+#: Every built-in family's adapter: one file each in ``trpts/models/``, found at import.
+ADAPTERS: list[ModelAdapter] = _discover()
 #: The fallback for models no family adapter matches.
 GENERIC = GenericAdapter()
 
@@ -69,21 +81,16 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return GENERIC if adapter is None else adapter
 
 
-def get_token_adapter(model: nn.Module) -> ModelAdapter:
+def get_token_adapter(model: nn.Module) -> TokenAdapter:
     """The adapter for token selection on ``model``; raises :class:`UnsupportedModelError`
-    naming the families that support it."""
+    naming the families that support it (the model's own family's reason first)."""
     adapter = get_adapter(model)
-    if not adapter.supports_tokens:
+    if not isinstance(adapter, TokenAdapter):
         base = unwrap_model(model)
-        try:
-            adapter.check_token_support(base)
-            reason = ""
-        except TrptsError as err:  # the family's own reason
-            reason = f" ({err})"
         raise UnsupportedModelError(
             f"token selection (wrap_vit) needs a family adapter with token support; "
-            f"{type(base).__qualname__} is {adapter.family}{reason}. Families with token selection:\n"
-            f"{supported_families(tokens=True)}\n"
+            f"{type(base).__qualname__} is {adapter.family} ({adapter.tokens_unsupported}). Families with "
+            f"token selection:\n{supported_families(tokens=True)}\n"
             "Parameter selection (compute_fisher, allocate_connections, apply_masks, deltas) works "
             "on any model."
         )

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from .base import ModelAdapter, has_parameters
+from .base import ModelAdapter, TokenAdapter, has_parameters
 from .hf_vit import HFViTAdapter
 
 #: Block names of every layout: ``layers.i`` (transformers >= 5.9 ViT family), ``encoder.layer.i``
@@ -34,7 +34,8 @@ def refuse_masks(attention_mask: Tensor | None, kwargs: Mapping[str, Any]) -> No
 
 class HFVisionAdapter(ModelAdapter):
     """Base of the Hugging Face vision adapters; subclasses set the class variables below and
-    implement :meth:`patch_embedding` (and the token methods where supported)."""
+    implement :meth:`patch_embedding`. Families with token selection use
+    :class:`HFVisionTokenAdapter`."""
 
     block_name_pattern = HF_BLOCK_PATTERN
     #: Exact class names (module under ``transformers.``) this family matches.
@@ -43,13 +44,6 @@ class HFVisionAdapter(ModelAdapter):
     _BACKBONES: ClassVar[tuple[str, ...]] = ()
     #: Attribute names of the classification head(s) on task models.
     _HEADS: ClassVar[tuple[str, ...]] = ("classifier",)
-    #: Block class names token selection patches.
-    _LAYERS: ClassVar[tuple[str, ...]] = ()
-    #: Attribute of a block holding its self-attention.
-    _ATTENTION: ClassVar[str] = "attention"
-    #: Further block submodules the family's reducing forward uses.
-    _PARTS: ClassVar[tuple[str, ...]] = ()
-
     def matches(self, model: nn.Module) -> bool:
         return type(model).__module__.startswith("transformers.") and type(model).__name__ in self._CLASSES
 
@@ -73,7 +67,20 @@ class HFVisionAdapter(ModelAdapter):
     def heads(self, model: nn.Module) -> list[nn.Module]:
         return [getattr(model, name) for name in self._HEADS if has_parameters(getattr(model, name, None))]
 
-    # ---- token selection helpers (used by families with supports_tokens = True) ---------------
+
+
+class HFVisionTokenAdapter(HFVisionAdapter, TokenAdapter):
+    """A Hugging Face vision family with token selection: subclasses set the block class names,
+    their attention attribute and the parts their reducing forward uses, and
+    :meth:`reducing_forward`."""
+
+    #: Block class names token selection patches.
+    _LAYERS: ClassVar[tuple[str, ...]] = ()
+    #: Attribute of a block holding its self-attention.
+    _ATTENTION: ClassVar[str] = "attention"
+    #: Further block submodules the family's reducing forward uses.
+    _PARTS: ClassVar[tuple[str, ...]] = ()
+
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1  # [CLS]
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
+from ..errors import TrptsTypeError, TrptsValueError
 
 #: A block forward ``(block, x, *args, **kwargs) -> x`` that calls
 #: ``block._trpts_tokens.reduce(x)`` after the attention residual and before the MLP.
@@ -38,7 +38,10 @@ def pool_linear_weights(model: nn.Module, names: list[str]) -> list[str]:
 
 
 class ModelAdapter(ABC):
-    """Model-family knowledge behind one small interface (one subclass per family file)."""
+    """Model-family knowledge behind one small interface (one subclass per family file).
+
+    Parameter selection needs only the four abstract methods. Token selection is an optional
+    capability: a family that supports it subclasses :class:`TokenAdapter` instead."""
 
     #: Short identifier stored in selections and delta files, e.g. ``"timm-vit"``.
     family: ClassVar[str]
@@ -47,8 +50,13 @@ class ModelAdapter(ABC):
     #: Matches a canonical parameter name of this family; group 1 is the block index.
     #: Only used when no model is at hand (e.g. ``allocate_connections`` on a plain dict).
     block_name_pattern: ClassVar[re.Pattern[str]]
-    #: Whether the token-selection methods below are implemented (``wrap_vit``).
-    supports_tokens: ClassVar[bool] = False
+    #: Why ``wrap_vit`` cannot run on this family (families without :class:`TokenAdapter`).
+    tokens_unsupported: ClassVar[str] = "this family has no token-selection support"
+
+    @property
+    def supports_tokens(self) -> bool:
+        """Whether this family implements token selection (is a :class:`TokenAdapter`)."""
+        return isinstance(self, TokenAdapter)
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -66,45 +74,18 @@ class ModelAdapter(ABC):
     def heads(self, model: nn.Module) -> list[nn.Module]:
         """The classification head module(s); empty for a bare backbone."""
 
-    # ---- parameter names in files (override where a family renamed its modules) ----
-    def canonical_name(self, name: str) -> str:
-        """The layout-independent name of a parameter, as stored in delta files."""
-        return name
+    def architecture(self, model: nn.Module) -> str:
+        """The architecture label stored in delta files (the class name by default)."""
+        return type(model).__name__
 
-    def local_name(self, canonical: str, model: nn.Module) -> str:
-        """The name ``model`` uses for a parameter stored under ``canonical``."""
-        return canonical
+    def batch(self, batch: Any) -> tuple[Any, Tensor]:
+        """``(inputs, targets)`` of one batch of the user's loader (the ecosystems' conventions:
+        an ``(inputs, targets)`` tuple, or a Hugging Face dict with ``pixel_values`` / ``labels``)."""
+        return unpack_batch(batch)
 
-    # ---- token selection (override to support wrap_vit) ------------------------------
-    def check_token_support(self, model: nn.Module) -> None:
-        """Raise a clear trpts error if token selection cannot run on this model."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        """P: the leading tokens (CLS first, then distillation / register tokens) never merged."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
-
-    def check_block(self, block: nn.Module) -> None:
-        """Raise a clear trpts error if this block's type cannot be patched."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
-
-    def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
-        """Modules whose outputs are the block's queries and keys, and a function turning such an
-        output into ``(B, H, N, d)`` (queries/keys exactly as the attention uses them)."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
-
-    def attention_scale(self, block: nn.Module) -> float:
-        """The scale the block's attention multiplies ``q k^T`` by."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
-
-    def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """The block's attention part (runs on all input tokens) and MLP part (runs on the
-        tokens left after the reduction), for FLOP counting."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
-
-    def reducing_forward(self, block: nn.Module) -> BlockForward:
-        """The block's forward with the reducing step between attention and MLP."""
-        raise UnsupportedModelError(f"token selection is not implemented for the {self.family} family")
+    def logits(self, output: Any) -> Tensor:
+        """The logits tensor in a forward output (a tensor, ``.logits``, or a tuple's first item)."""
+        return output_logits(output)
 
     # ---- derived helpers (shared by all families) ---------------------------------
     def scored_parameters(self, model: nn.Module) -> list[str]:
@@ -132,3 +113,81 @@ class ModelAdapter(ABC):
             for p in block.parameters():
                 owner.setdefault(id(p), i)
         return {name: owner[id(p)] for name, p in model.named_parameters() if id(p) in owner}
+
+
+class TokenAdapter(ModelAdapter):
+    """A family adapter with token selection (``wrap_vit``): [CLS]-attention scores of a block's
+    own queries and keys, and a block forward that reduces tokens between attention and MLP."""
+
+    def check_token_support(self, model: nn.Module) -> None:
+        """Raise a clear trpts error if token selection cannot run on this model of the family
+        (for example a pooling that would read merged tokens wrongly); the default accepts."""
+        return None
+
+    @abstractmethod
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """P: the leading tokens (CLS first, then distillation / register tokens) never merged."""
+
+    @abstractmethod
+    def check_block(self, block: nn.Module) -> None:
+        """Raise a clear trpts error if this block's type cannot be patched."""
+
+    @abstractmethod
+    def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
+        """Modules whose outputs are the block's queries and keys, and a function turning such an
+        output into ``(B, H, N, d)`` (queries/keys exactly as the attention uses them)."""
+
+    @abstractmethod
+    def attention_scale(self, block: nn.Module) -> float:
+        """The scale the block's attention multiplies ``q k^T`` by."""
+
+    @abstractmethod
+    def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The block's attention part (runs on all input tokens) and MLP part (runs on the
+        tokens left after the reduction), for FLOP counting."""
+
+    @abstractmethod
+    def reducing_forward(self, block: nn.Module) -> BlockForward:
+        """The block's forward with the reducing step between attention and MLP."""
+
+    def attention_width(self, block: nn.Module) -> int:
+        """Query width (heads x head_dim) of the block's attention, for FLOP counting: the
+        query module's output width by default."""
+        q_module, _, _ = self.query_key(block)
+        if isinstance(q_module, nn.Linear):
+            return q_module.out_features
+        raise TrptsValueError(f"cannot infer the attention width of {type(block).__name__}")
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Tensor]:
+    """``(inputs, targets)`` from a tuple/list batch or a Hugging Face style dict."""
+    if isinstance(batch, Mapping):
+        missing = [k for k in ("pixel_values", "labels") if k not in batch]
+        if missing:
+            raise TrptsValueError(
+                f"dict batches need the keys 'pixel_values' and 'labels'; missing {missing} "
+                f"(got {sorted(batch)})"
+            )
+        return batch["pixel_values"], batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TrptsTypeError(
+        "each batch must be an (inputs, targets) tuple or a dict with 'pixel_values' and "
+        f"'labels'; got {type(batch).__name__}"
+    )
+
+
+def output_logits(output: Any) -> Tensor:
+    """The logits in a model output: a tensor, an object with ``.logits`` (Hugging Face), or a
+    tuple/list whose first element is a tensor."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TrptsTypeError(
+        "the model must return a logits tensor, an object with .logits, or a tuple whose first "
+        f"element is the logits; got {type(output).__name__}"
+    )

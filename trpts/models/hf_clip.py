@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._hf_common import HFVisionAdapter, refuse_masks
+from ._hf_common import HFVisionTokenAdapter, refuse_masks
 from .base import BlockForward
 
 
@@ -32,11 +32,10 @@ def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_ma
     return residual + hidden_states
 
 
-class HFCLIPVisionAdapter(HFVisionAdapter):
+class HFCLIPVisionAdapter(HFVisionTokenAdapter):
     family = "hf-clip-vision"
     description = ("Hugging Face CLIPVisionModel / CLIPVisionModelWithProjection (no head; "
                    "visual_projection is frozen backbone)")
-    supports_tokens = True
 
     _CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
     _BACKBONES = ("vision_model",)
@@ -47,9 +46,6 @@ class HFCLIPVisionAdapter(HFVisionAdapter):
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self.backbone(model).embeddings.patch_embedding
-
-    def check_token_support(self, model: nn.Module) -> None:
-        return None  # the pooled output (and visual_projection) reads the [CLS] token only
 
     def reducing_forward(self, block: nn.Module) -> BlockForward:
         return _reducing_layer_forward

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._hf_common import HFVisionAdapter, refuse_masks
+from ._hf_common import HFVisionTokenAdapter, refuse_masks
 from .base import BlockForward
 
 
@@ -32,11 +32,10 @@ def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_ma
     return hidden_states + residual
 
 
-class HFDeiTAdapter(HFVisionAdapter):
+class HFDeiTAdapter(HFVisionTokenAdapter):
     family = "hf-deit"
     description = ("Hugging Face DeiTModel / DeiTForImageClassification / "
                    "DeiTForImageClassificationWithTeacher ([CLS] + distillation token)")
-    supports_tokens = True
 
     _CLASSES = ("DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
     _BACKBONES = ("deit",)
@@ -46,9 +45,6 @@ class HFDeiTAdapter(HFVisionAdapter):
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self.backbone(model).embeddings.patch_embeddings.projection
-
-    def check_token_support(self, model: nn.Module) -> None:
-        return None  # heads and pooler read the prefix tokens (0 and 1), which are never merged
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 2  # [CLS], distillation

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from ._hf_common import HFVisionAdapter, refuse_masks
+from ._hf_common import HFVisionTokenAdapter, refuse_masks
 from .base import BlockForward
 
 
@@ -36,11 +36,10 @@ def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_ma
     return self.drop_path(hidden_states) + residual
 
 
-class HFDinov2Adapter(HFVisionAdapter):
+class HFDinov2Adapter(HFVisionTokenAdapter):
     family = "hf-dinov2"
     description = ("Hugging Face Dinov2Model / Dinov2ForImageClassification and the WithRegisters "
                    "variants (LayerScale, register tokens; token selection on the bare models)")
-    supports_tokens = True
 
     _CLASSES = ("Dinov2Model", "Dinov2ForImageClassification",
                 "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")

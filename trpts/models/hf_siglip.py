@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
 from ._hf_common import HFVisionAdapter
 
 
@@ -19,16 +18,11 @@ class HFSiglipVisionAdapter(HFVisionAdapter):
     family = "hf-siglip-vision"
     description = ("Hugging Face SiglipVisionModel / SiglipForImageClassification (parameter selection "
                    "only: no [CLS] token)")
-    supports_tokens = False
 
     _CLASSES = ("SiglipVisionModel", "SiglipForImageClassification")
     _BACKBONES = ("vision_model",)
+    tokens_unsupported = ("token selection scores tokens by [CLS] attention (eq. 8), and SigLIP has no "
+                          "[CLS] token: it pools by attention or by the mean of all tokens")
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self.backbone(model).embeddings.patch_embedding
-
-    def check_token_support(self, model: nn.Module) -> None:
-        raise UnsupportedModelError(
-            f"token selection scores tokens by [CLS] attention (eq. 8), and {type(model).__name__} has no "
-            "[CLS] token: SigLIP pools by attention or by the mean of all tokens"
-        )

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from .base import BlockForward, ModelAdapter, has_parameters
+from .base import BlockForward, TokenAdapter, has_parameters
 
 
 def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -29,10 +29,9 @@ def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_ma
     return hidden_states + residual
 
 
-class HFViTAdapter(ModelAdapter):
+class HFViTAdapter(TokenAdapter):
     family = "hf-vit"
     description = "Hugging Face ViTModel / ViTForImageClassification (transformers >= 5.9)"
-    supports_tokens = True
     block_name_pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
     _CLASSES = ("ViTModel", "ViTForImageClassification")
@@ -52,9 +51,6 @@ class HFViTAdapter(ModelAdapter):
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self._backbone(model).embeddings.patch_embeddings.projection
-
-    def check_token_support(self, model: nn.Module) -> None:
-        return None  # the encoder starts with the [CLS] token; heads and pooler read token 0
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1

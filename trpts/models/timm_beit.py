@@ -14,8 +14,7 @@ from ._timm_common import TimmBlocksAdapter
 TOKENS_UNSUPPORTED = ("token selection is not supported for timm Beit models: the relative position bias "
                       "is indexed by token position, so merged tokens have no bias entry, and the default "
                       "head mean-pools the patch tokens. Parameter selection (compute_fisher, "
-                      "allocate_connections, apply_masks, deltas) works; token selection needs a timm "
-                      "VisionTransformer or a Hugging Face ViT")
+                      "allocate_connections, apply_masks, deltas) works")
 
 
 class TimmBeitAdapter(TimmBlocksAdapter):
@@ -23,4 +22,4 @@ class TimmBeitAdapter(TimmBlocksAdapter):
     description = ("timm Beit (BEiT, BEiT v2; relative position bias, mean pooling): parameter "
                    "selection, both storages, deltas; no token selection (relative position bias)")
     _timm_class = "timm.models.beit:Beit"
-    _tokens_unsupported = TOKENS_UNSUPPORTED
+    tokens_unsupported = TOKENS_UNSUPPORTED

@@ -18,8 +18,7 @@ from .base import pool_linear_weights
 TOKENS_UNSUPPORTED = ("token selection is not supported for timm Eva models yet: rotary position "
                       "embeddings (RoPE) are applied per token inside attention, so a merged token has no "
                       "single position. Parameter selection (compute_fisher, allocate_connections, "
-                      "apply_masks, deltas) works; token selection needs a timm VisionTransformer or a "
-                      "Hugging Face ViT")
+                      "apply_masks, deltas) works")
 
 
 class TimmEvaAdapter(TimmBlocksAdapter):
@@ -27,7 +26,7 @@ class TimmEvaAdapter(TimmBlocksAdapter):
     description = ("timm Eva (EVA, EVA-02, PE; fused or separate q/k/v, SwiGLU, RoPE): parameter "
                    "selection, both storages, deltas; no token selection (RoPE)")
     _timm_class = "timm.models.eva:Eva"
-    _tokens_unsupported = TOKENS_UNSUPPORTED
+    tokens_unsupported = TOKENS_UNSUPPORTED
 
     def scored_parameters(self, model: nn.Module) -> list[str]:
         return pool_linear_weights(model, super().scored_parameters(model))

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
-from .base import BlockForward, has_parameters, pool_linear_weights
+from .base import BlockForward, TokenAdapter, has_parameters, pool_linear_weights
 
 
 def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None,
@@ -22,10 +22,9 @@ def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None
     return x
 
 
-class TimmViTAdapter(TimmBlocksAdapter):
+class TimmViTAdapter(TimmBlocksAdapter, TokenAdapter):
     family = "timm-vit"
     description = "timm VisionTransformer (ViT, DeiT, DeiT distilled; CLS/register tokens, LayerScale, qk_norm)"
-    supports_tokens = True
     _timm_class = "timm.models.vision_transformer:VisionTransformer"
 
     def scored_parameters(self, model: nn.Module) -> list[str]:
@@ -39,8 +38,8 @@ class TimmViTAdapter(TimmBlocksAdapter):
         if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
             raise TrptsValueError(
                 f"token selection needs global_pool='token' (the head reads the [CLS] token); this model "
-                f"pools with global_pool={model.global_pool!r}, which would average merged tokens as if "
-                "each were one patch. Create the model with global_pool='token'"
+                f"pools with global_pool={model.global_pool!r}, which reads the patch tokens, and a merged "
+                "token would count as one patch. Create the model with global_pool='token'"
             )
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
@@ -62,6 +61,9 @@ class TimmViTAdapter(TimmBlocksAdapter):
 
     def attention_scale(self, block: nn.Module) -> float:
         return float(block.attn.scale)
+
+    def attention_width(self, block: nn.Module) -> int:
+        return int(block.attn.qkv.out_features) // 3  # fused q, k, v
 
     def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
         return block.attn, block.mlp
