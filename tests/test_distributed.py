@@ -12,16 +12,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_batches, make_timm_vit
+from conftest import make_batches, make_hf_vit, make_timm_vit
+
+FACTORIES = {"timm": make_timm_vit, "hf": make_hf_vit}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, storage: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, storage: str, family: str) -> None:
     import trpts
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = make_timm_vit()  # same seed on every rank
+        model = FACTORIES[family]()  # same seed on every rank
         shard = make_batches(2, 4, seed=10 + rank)  # different data on each rank
         fisher = trpts.compute_fisher(model, shard, progress=False)
         selection = trpts.allocate_connections(fisher, budget=0.05, model=model)
@@ -33,7 +35,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, storage: str) -
         optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-2)
         for x, y in make_batches(3, 4, seed=20 + rank):
             optimizer.zero_grad()
-            F.cross_entropy(ddp(x), y).backward()
+            out = ddp(x)
+            F.cross_entropy(getattr(out, "logits", out), y).backward()
             optimizer.step()
         handle.remove()  # sparse storage: writes the trained values into the weights
         before = {n: before[n] for n in dict(model.named_parameters())}
@@ -49,10 +52,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, storage: str) -
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("storage", ["hooks", "sparse"])
-def test_two_process_gloo_ddp(tmp_path, storage):
+@pytest.mark.parametrize("family, storage", [("timm", "hooks"), ("timm", "sparse"), ("hf", "sparse")])
+def test_two_process_gloo_ddp(tmp_path, family, storage):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), storage), nprocs=world, join=True)
+    make = FACTORIES[family]
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), storage, family), nprocs=world, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
     assert list(r0["fisher"]) == list(r1["fisher"])
     for n in r0["fisher"]:
@@ -60,7 +64,7 @@ def test_two_process_gloo_ddp(tmp_path, storage):
     for n in r0["indices"]:
         assert torch.equal(r0["indices"][n], r1["indices"][n]), n
     assert r0["frozen_ok"] and r1["frozen_ok"]
-    assert set(r0["params"]) == set(dict(make_timm_vit().named_parameters()))
+    assert set(r0["params"]) == set(dict(make().named_parameters()))
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
 
@@ -68,9 +72,9 @@ def test_two_process_gloo_ddp(tmp_path, storage):
     import trpts
 
     union = make_batches(2, 4, seed=10) + make_batches(2, 4, seed=11)
-    single = trpts.compute_fisher(make_timm_vit(), union, progress=False)
+    single = trpts.compute_fisher(make(), union, progress=False)
     for n in single:
         torch.testing.assert_close(r0["fisher"][n], single[n], rtol=1e-5, atol=1e-12)
     from family_checks import record
 
-    record(make_timm_vit(), "DDP")
+    record(make(), "DDP")

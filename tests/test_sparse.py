@@ -344,8 +344,9 @@ def test_bf16_autocast_gradients_close_to_hook_mode_and_frozen_exact():
         assert torch.equal(sparse_model.get_parameter(name).detach()[frozen], pretrained[name][frozen])
 
 
-def test_torch_compile_matches_eager():
-    eager = make_timm_vit()
+@pytest.mark.parametrize("make", [make_timm_vit, make_hf_vit], ids=["timm", "hf"])
+def test_torch_compile_matches_eager(make):
+    eager = make()
     selection = _selection(eager)
     compiled_src = copy.deepcopy(eager)
     h1 = trpts.apply_masks(eager, selection, storage="sparse")
