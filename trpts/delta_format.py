@@ -276,12 +276,7 @@ def _check_matrix(m: str, info: Any, tensors: Mapping[str, Tensor], path: PathLi
     shape = (rows, info["connections"])
     keys = (f"values:{m}", f"columns:{m}")
     for key, dtypes in zip(keys, (VALUE_DTYPES, COLUMN_DTYPES), strict=True):
-        if key not in tensors:
-            _bad(path, f"it lacks the tensor {key!r}")
-        if tuple(tensors[key].shape) != shape:
-            _bad(path, f"{key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
-        if tensors[key].dtype not in dtypes:
-            _bad(path, f"{key!r} has dtype {tensors[key].dtype}, expected one of {[str(d) for d in dtypes]}")
+        _check_tensor(tensors, key, shape, dtypes, f"one of {[str(d) for d in dtypes]}", path)
     cols = tensors[keys[1]].to(torch.int64)
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= fan_in):
         _bad(path, f"columns of {m!r} fall outside 0..{fan_in - 1}")
@@ -296,10 +291,17 @@ def _check_full(n: str, shape: Any, tensors: Mapping[str, Tensor], path: PathLik
     key = f"full:{n}"
     if not _is_shape(shape):
         _bad(path, f"full[{n!r}] must be a shape (an array of sizes), got {shape!r}"[:300])
+    _check_tensor(tensors, key, shape, VALUE_DTYPES, "a floating dtype", path)
+    return key
+
+
+def _check_tensor(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...] | list[int],
+                  dtypes: Any, dtype_text: str, path: PathLike) -> None:
+    """``tensors[key]`` exists, has ``shape`` (a tuple or list, as it is reported) and a dtype in ``dtypes``."""
     if key not in tensors:
         _bad(path, f"it lacks the tensor {key!r}")
-    if list(tensors[key].shape) != shape:
-        _bad(path, f"{key!r} has shape {list(tensors[key].shape)}, expected {shape}")
-    if tensors[key].dtype not in VALUE_DTYPES:
-        _bad(path, f"{key!r} has dtype {tensors[key].dtype}, expected a floating dtype")
-    return key
+    got = type(shape)(tensors[key].shape)
+    if got != shape:
+        _bad(path, f"{key!r} has shape {got}, expected {shape}")
+    if tensors[key].dtype not in dtypes:
+        _bad(path, f"{key!r} has dtype {tensors[key].dtype}, expected {dtype_text}")
