@@ -123,7 +123,7 @@ def check_family(make: Factory, family: str, *, tmp_path: Path, loss_fn: LossFn 
         trpts.load_delta(fresh, path)
         with torch.no_grad():
             assert torch.equal(output_tensor(fresh.eval()(x)), output_tensor(tuned.eval()(x))), storage
-        handle.remove()
+        handle.merge_and_unload()
     record(model, "Fisher", "allocation", "hooks", "sparse storage", "deltas")
     if other is not None:  # another family's delta is refused before anything changes
         alien = other()

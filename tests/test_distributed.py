@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, storage: str, f
             out = ddp(x)
             F.cross_entropy(getattr(out, "logits", out), y).backward()
             optimizer.step()
-        handle.remove()  # sparse storage: writes the trained values into the weights
+        handle.merge_and_unload()  # sparse storage: writes the trained values into the weights
         before = {n: before[n] for n in dict(model.named_parameters())}
         frozen_ok = all(
             torch.equal(p.detach()[~selection[n]], before[n][~selection[n]]) if n in selection

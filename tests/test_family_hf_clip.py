@@ -48,7 +48,7 @@ def test_clip_names_and_the_visual_projection_is_frozen_backbone():
                                                                 progress=False), budget=0.05)
     handle = trpts.apply_masks(model, selection, train_head=False)
     assert not model.visual_projection.weight.requires_grad
-    handle.remove()
+    handle.merge_and_unload()
     trpts.apply_masks(model, selection, train_head=False, extra_trainable=["visual_projection.weight"])
     assert model.visual_projection.weight.requires_grad  # opting in to tune it densely
 

@@ -189,3 +189,36 @@ def test_bad_input(timm_vit, batches):
     fisher = trpts.compute_fisher(nn.Linear(3, 2), [(torch.ones(2, 3), torch.tensor([0, 1]))],
                                   params=["weight"], progress=False)
     assert fisher["weight"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("targets, error, match", [
+    (torch.tensor([0.0, 1.0, 2.0, 1.0]), trpts.TrptsTypeError, "int64 class indices"),  # float labels
+    (torch.tensor([0, 1, 2, 1], dtype=torch.int32), trpts.TrptsTypeError, r"y\.long\(\)"),
+    (torch.tensor([True, False, True, True]), trpts.TrptsTypeError, "int64"),
+    (torch.tensor([[0], [1], [2], [1]]), trpts.TrptsTypeError, r"y\.view\(-1\)"),  # (B, 1)
+    (torch.tensor(1), trpts.TrptsTypeError, "shape \\(batch,\\)"),
+    ([0, 1, 2, 1], trpts.TrptsTypeError, "list"),
+    (torch.tensor([0, 1, 2]), trpts.TrptsValueError, "do not match"),  # wrong batch size
+    (torch.tensor([0, 1, 2, 9]), trpts.TrptsValueError, r"0\.\.4"),  # out of range
+])
+def test_malformed_batches_are_clear_errors_and_leave_the_model(per_sample, targets, error, match):
+    from conftest import make_timm_vit
+
+    model = make_timm_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        trpts.compute_fisher(model, [(torch.randn(4, 3, 16, 16), targets)], per_sample=per_sample,
+                             progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == [p.requires_grad for p in model.parameters()]
+
+
+def test_probability_targets_work_with_the_default_loss():
+    from conftest import make_timm_vit
+
+    model = make_timm_vit()
+    soft = torch.softmax(torch.randn(4, 5), dim=1)
+    fisher = trpts.compute_fisher(model, [(torch.randn(4, 3, 16, 16), soft)], progress=False)
+    assert all(bool((f >= 0).all()) and f.dtype == torch.float32 for f in fisher.values())

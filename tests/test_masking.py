@@ -101,7 +101,7 @@ def test_weight_decay_on_masked_weights_raises_before_the_step():
         assert isinstance(info.value, RuntimeError)
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
         optimizer.zero_grad()
-    handle.remove()
+    handle.merge_and_unload()
     torch.optim.AdamW(model.parameters(), lr=1e-2)  # no check once removed
     x, y = make_batches(1, 4)[0]
     F.cross_entropy(model(x), y).backward()
@@ -143,7 +143,7 @@ def test_remove_restores_flags_and_dense_gradients():
     F.cross_entropy(model(x).logits, y).backward()
     grad = model.vit.layers[0].attention.q_proj.weight.grad
     assert bool((grad != 0).all())
-    handle.remove()  # idempotent
+    handle.merge_and_unload()  # idempotent
 
 
 def test_failed_calls_leave_the_model_untouched():
@@ -164,7 +164,7 @@ def test_failed_calls_leave_the_model_untouched():
     handle = trpts.apply_masks(model, selection)
     with pytest.raises(trpts.TrptsRuntimeError, match="already"):
         trpts.apply_masks(model, selection)
-    handle.remove()
+    handle.merge_and_unload()
 
 
 def test_a_model_without_a_conventional_head_names_it_or_passes_train_head_false():
@@ -178,7 +178,7 @@ def test_a_model_without_a_conventional_head_names_it_or_passes_train_head_false
     assert all(p.requires_grad for p in model.parameters())
     handle = trpts.apply_masks(model, selection, train_head=False, extra_trainable=["2.weight", "2.bias"])
     assert set(handle.full) == {"2.weight", "2.bias"} and set(handle.masked) == {"0.weight"}
-    handle.remove()
+    handle.merge_and_unload()
     named = trpts.apply_masks(model, selection, extra_trainable=["2.weight", "2.bias"])  # the head, named
     assert set(named.full) == {"2.weight", "2.bias"}
 
@@ -258,7 +258,7 @@ def test_head_lr_gives_the_head_its_own_groups(any_model, storage):
     assert all(p.ndim < 2 for p in by_tag["head_no_decay"]["params"])
     assert {id(p) for p in by_tag["head"]["params"] + by_tag["head_no_decay"]["params"]} == head
     torch.optim.AdamW(groups)  # a valid optimizer (no parameter twice)
-    handle.remove()
+    handle.merge_and_unload()
 
 
 @settings(max_examples=6)
@@ -274,7 +274,7 @@ def test_head_lr_groups_partition_the_trainable_parameters(budget, head_lr, stor
         in_head = g["trpts_group"] in ("head", "head_no_decay")
         assert g["lr"] == (head_lr if in_head else 3e-4)
         assert all((id(p) in head) == in_head for p in g["params"])
-    handle.remove()
+    handle.merge_and_unload()
 
 
 @pytest.mark.parametrize("storage", ["hooks", "sparse"])
@@ -289,7 +289,7 @@ def test_head_lr_none_keeps_the_previous_groups(storage):
                 ("decay", 0.05, 0.1, [id(p) for p in full if p.ndim >= 2]),
                 ("no_decay", 0.0, 0.1, [id(p) for p in full if p.ndim < 2])]
     assert _group_layout(plain) == expected
-    handle.remove()
+    handle.merge_and_unload()
 
 
 @pytest.mark.parametrize("storage", ["hooks", "sparse"])
@@ -307,18 +307,18 @@ def test_head_lr_errors_change_nothing(storage):
     assert _group_layout(handle.param_groups(weight_decay=0.05, lr=1e-3)) == before
     same = handle.param_groups(lr=1e-3, head_lr=1e-3)  # head_lr equal to lr is fine
     assert all(g["lr"] == 1e-3 for g in same) and same[-1]["trpts_group"] == "head_no_decay"
-    handle.remove()
+    handle.merge_and_unload()
 
     handle = trpts.apply_masks(model, selection, train_head=False, storage=storage)
     with pytest.raises(trpts.TrptsValueError, match="train_head=True"):
         handle.param_groups(lr=1e-4, head_lr=1e-2)
     assert [g["trpts_group"] for g in handle.param_groups(lr=1e-4)] == [handle.param_groups()[0]["trpts_group"]]
-    handle.remove()
+    handle.merge_and_unload()
     # the head is derived from the model: trained through extra_trainable, it still counts
     handle = trpts.apply_masks(model, selection, train_head=False, extra_trainable=["head.weight"],
                                storage=storage)
     assert handle.param_groups(lr=1e-4, head_lr=1e-2)[-1]["trpts_group"] == "head"
-    handle.remove()
+    handle.merge_and_unload()
 
 
 def test_head_lr_on_a_model_without_adapter_says_what_to_do():
@@ -329,7 +329,7 @@ def test_head_lr_on_a_model_without_adapter_says_what_to_do():
                                extra_trainable=["2.weight", "2.bias"])
     with pytest.raises(trpts.TrptsValueError, match="drop head_lr"):
         handle.param_groups(lr=1e-4, head_lr=1e-2)
-    handle.remove()
+    handle.merge_and_unload()
 
 
 def test_head_lr_after_the_model_is_gone_says_so():
@@ -385,4 +385,4 @@ def test_head_lr_adamw_moves_the_head_100x_more_than_the_selected_entries(family
             assert torch.equal(p.detach()[~keep], before[name][~keep]), f"frozen entries of {name} moved"
         elif name not in handle.full and id(p) not in compact:
             assert torch.equal(p.detach(), before[name]), f"{name} should be frozen"
-    handle.remove()
+    handle.merge_and_unload()

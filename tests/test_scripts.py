@@ -154,3 +154,13 @@ def test_hf_trainer_example(tmp_path):
     meta, tensors = trpts.read_delta(tmp_path / "position.safetensors")
     assert meta["family"] == "hf-vit" and meta["tokens"]["layers"]
     assert any(k.startswith("values:") for k in tensors)
+
+
+def test_fisher_batches_benchmark_quick(tmp_path):
+    out = _run("benchmarks/fisher_batches.py", "--quick", "--no-progress", "--cache-dir", str(tmp_path / "c"),
+               "--json", str(tmp_path / "r.json"))
+    assert "recall vs all" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    recalls = [r["recall vs all (median)"] for r in report["rows"]]
+    assert [r["batches"] for r in report["rows"]] == [1, 2, 4] and all(0 < v <= 1 for v in recalls)
+    assert report["fisher_batch_s"] > 0 and report["train_step_s"] > 0

@@ -239,7 +239,7 @@ def test_same_trajectory_as_hook_mode(family, opt):
     x = batches[0][0]
     sparse_model.eval(), hooks_model.eval()
     torch.testing.assert_close(_logits(sparse_model, x), _logits(hooks_model, x), rtol=1e-4, atol=1e-4)
-    h2.remove()
+    h2.merge_and_unload()
     for name in h2.masked:  # merged: frozen entries bit-identical, selected entries trained
         frozen = ~selection[name]
         w = sparse_model.get_parameter(name).detach()
@@ -285,7 +285,7 @@ def test_state_dict_is_the_plain_models_and_loading_refreshes_values():
             p.add_(0.1)
     model.load_state_dict(other.state_dict())
     torch.testing.assert_close(model(x), other.eval()(x), rtol=1e-5, atol=1e-5)
-    handle.remove()
+    handle.merge_and_unload()
 
 
 def test_delta_round_trip_from_sparse_storage(tmp_path):
@@ -384,8 +384,8 @@ def test_hf_dict_batches_and_remove_restores_modules():
     optimizer = torch.optim.AdamW(handle.param_groups(lr=1e-2))
     model(pixel_values=x, labels=y).loss.backward()
     optimizer.step()
-    handle.remove()
-    handle.remove()  # idempotent
+    handle.merge_and_unload()
+    handle.merge_and_unload()  # idempotent
     for m in modules.values():
         assert "forward" not in vars(m) and not hasattr(m, "trpts_values") and not hasattr(m, "trpts_index")
     assert all(p.requires_grad for p in model.parameters())
@@ -534,7 +534,7 @@ def test_in_place_weight_sync_semantics():
         frozen = ~selection[name]
         assert torch.equal(model.get_parameter(name).detach()[frozen], pretrained[name][frozen]), name
     final = {name: v.detach().clone() for name, v in handle.values.items()}
-    handle.remove()
+    handle.merge_and_unload()
     assert final
     for name, v in final.items():
         info = selection.matrices[name]

@@ -20,6 +20,7 @@ from .delta import (
     loaded_deltas,
     merge_delta,
     read_delta,
+    remove_delta,
     save_delta,
 )
 from .errors import (
@@ -98,6 +99,7 @@ __all__ = [
     "plot_selection_overlap",
     "read_delta",
     "record_kept_tokens",
+    "remove_delta",
     "save_delta",
     "selection_overlap",
     "token_counts",

@@ -15,6 +15,7 @@ taking ``C_min`` as given.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -180,6 +181,27 @@ class Selection(Mapping[str, Tensor]):
             "settings": self._config,
             "matrices": [{**asdict(m), "shape": list(m.shape)} for m in self._matrices.values()],
         }
+
+    @classmethod
+    def from_delta(cls, path: str | os.PathLike[str]) -> Selection:
+        """The selection a task delta was trained with (read and checked with
+        :func:`trpts.read_delta`): equal to the one it was saved from. Older files without the
+        per-weight report get ``layer`` = the weight's own name, ``block`` parsed from the name
+        and ``share`` = 0. To resume training:
+        ``load_delta(model, path); apply_masks(model, Selection.from_delta(path))``."""
+        from .delta_format import read_delta, rows_fan_in
+
+        meta, tensors = read_delta(path)
+        matrices: dict[str, MatrixAllocation] = {}
+        indices: dict[str, Tensor] = {}
+        for name, info in meta["matrices"].items():
+            rows, fan_in = rows_fan_in(info)
+            block = info["block"] if "block" in info else block_index_from_name(name)
+            matrices[name] = MatrixAllocation(name=name, shape=tuple(info["shape"]), rows=rows, fan_in=fan_in,
+                                              layer=info.get("layer", name), block=block,
+                                              share=float(info.get("share", 0.0)), connections=info["connections"])
+            indices[name] = tensors[f"columns:{name}"].to(torch.int64)
+        return cls(indices, matrices, meta.get("selection") or {})
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> Selection:

@@ -35,7 +35,8 @@ from .masking import MaskHandle, get_mask_handle
 from .models import GENERIC, ModelAdapter, TokenAdapter, get_adapter
 from .tokens import TokenConfig, apply_token_config, get_token_config
 
-__all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta", "save_delta"]
+__all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta",
+           "remove_delta", "save_delta"]
 
 PathLike = str | os.PathLike[str]
 
@@ -84,7 +85,8 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         values = handle.selected_values(m)  # the weight's entries, or sparse storage's vector
         tensors[f"values:{m}"] = values.to(dtype or p.dtype).cpu().contiguous()
         tensors[f"columns:{m}"] = idx.to(torch.uint16 if info.fan_in <= 1 << 16 else torch.int32)
-        matrices[m] = {"shape": list(info.shape), "connections": info.connections}
+        matrices[m] = {"shape": list(info.shape), "connections": info.connections,  # the rest: the report
+                       "layer": info.layer, "block": info.block, "share": info.share}
     full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
     for n, p in full.items():
         tensors[f"full:{n}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
@@ -163,6 +165,19 @@ class _Bank:
         self._write(task, task.values, task.full, task.heads, task.meta["tokens"])
         self.active = name
 
+    def pretrained_values(self, name: str, flat: Tensor, current: Tensor) -> Tensor:
+        """``current`` (values of ``name`` at the ascending positions ``flat``) with the active
+        task's positions put back to the backbone's values there."""
+        task = self.tasks.get(self.active) if self.active is not None else None
+        index = task.index.get(name) if task is not None else None
+        if index is None or index.numel() == 0:
+            return current
+        at = torch.searchsorted(index, flat).clamp_(max=index.numel() - 1)
+        hit = index[at] == flat
+        out = current.clone()
+        out[hit] = task.base_values[name][at[hit]].to(out.dtype)
+        return out
+
     @torch.no_grad()
     def deactivate(self) -> None:
         if self.active is None:
@@ -205,10 +220,12 @@ class DeltaHandle:
         activate_delta(self._model, self.name)
 
     def remove(self) -> None:
-        """Unload this task; if it is active, the backbone (head included) is restored bit-exactly."""
+        """Unload this task; if it is active, the backbone (head included) is restored bit-exactly
+        (same as ``trpts.remove_delta(model, name)``)."""
         bank = _bank(self._model)
         if bank is None or self.name not in bank.tasks:
             return
+        _refuse_while_training(self._model, "removing a loaded delta")
         if bank.active == self.name:
             bank.deactivate()
         del bank.tasks[self.name]
@@ -225,11 +242,33 @@ def loaded_deltas(model: nn.Module) -> list[str]:
     return list(bank.tasks) if bank else []
 
 
+def remove_delta(model: nn.Module, name: str) -> None:
+    """Unload the delta loaded under ``name``; if it is active, the backbone (head included) is
+    restored bit-exactly (PEFT's ``delete_adapter``)."""
+    base = unwrap_model(model)
+    if name not in loaded_deltas(base):
+        raise TrptsKeyError(f"no delta named {name!r} is loaded (loaded: {loaded_deltas(base)})")
+    DeltaHandle(base, name).remove()
+
+
+def _refuse_while_training(model: nn.Module, what: str) -> None:
+    """Task switches write the selected entries, so they wait until training is over."""
+    if model_state(model).masks is not None:
+        raise TrptsRuntimeError(
+            f"{what} while the model is being trained (apply_masks) would overwrite trained entries. "
+            "Save the task with trpts.save_delta, then call handle.merge_and_unload() or handle.unload(). "
+            "To resume training from a delta, load it first: load_delta(model, path), then "
+            "apply_masks(model, trpts.Selection.from_delta(path))"
+        )
+
+
 def activate_delta(model: nn.Module, name: str | None) -> None:
     """Switch the active task: rewrites only the selected entries, the fully trained tensors and
     the head (and the token-selection configuration). ``None`` gives back the plain backbone."""
     base = unwrap_model(model)
     bank = _bank(base)
+    if bank is not None and name != bank.active:
+        _refuse_while_training(base, "switching tasks")
     if name is None:
         if bank is not None:
             bank.deactivate()
@@ -257,6 +296,7 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
     stored in the training dtype gives outputs equal (``torch.equal``) to the trained model's.
     """
     base = unwrap_model(model)
+    _refuse_while_training(base, "loading a delta")
     meta, tensors = read_delta(path)  # 1. an intact, well-formed file (checksum, metadata, tensors)
     name = name or meta.get("name") or Path(path).stem
     bank = _bank(base)

@@ -270,6 +270,9 @@ def _check_matrix(m: str, info: Any, tensors: Mapping[str, Tensor], path: PathLi
     if not isinstance(info, dict) or not _is_shape(info.get("shape")) or len(info["shape"]) < 2 \
             or not _is_int(info.get("connections")):
         _bad(path, f"matrices[{m!r}] must be {{'shape': [rows, in, ...], 'connections': C}}, got {info!r}"[:300])
+    if not (isinstance(info.get("layer", ""), str) and (info.get("block") is None or _is_int(info["block"]))
+            and isinstance(info.get("share", 0.0), (int, float)) and not isinstance(info.get("share"), bool)):
+        _bad(path, f"matrices[{m!r}] has a malformed report (layer: str, block: int or null, share: number)")
     rows, fan_in = rows_fan_in(info)
     if not 0 <= info["connections"] <= fan_in:
         _bad(path, f"matrices[{m!r}] has {info['connections']} connections per row, outside 0..{fan_in}")

@@ -137,18 +137,20 @@ def compute_fisher(
     base = unwrap_model(model)
     adapter = get_adapter(base)
     scored = _resolve_params(base, adapter, params)
+    default_loss = loss_fn is None
     if loss_fn is None:
         def loss_fn(output: Any, targets: Tensor) -> Tensor:  # cross-entropy on the logits
             return _cross_entropy(adapter.logits(output), targets)
     device = next(iter(scored.values())).device
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in scored.items()}
-    count = 0
+    count, classes = 0, None
     with _preserved_state(base, scored, train_mode), torch.inference_mode(False), torch.enable_grad():
         for batch in _progress_bar(data, num_batches, progress):
             inputs, targets = (_to(t, device) for t in adapter.batch(batch))
-            n = int(targets.shape[0]) if isinstance(targets, Tensor) and targets.ndim else 0
+            n = _batch_size(targets, default_loss)
             if n == 0:
                 continue
+            classes = _check_batch(base, adapter, inputs, targets, n, default_loss, classes)
             if per_sample:
                 _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode)
             else:
@@ -166,15 +168,59 @@ def _check_arguments(model: Any, num_batches: Any, chunk_size: Any) -> None:
         raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _batch_size(targets: Any, default_loss: bool) -> int:
+    """Samples in a batch, from its targets (checked for the default loss)."""
+    if default_loss:
+        ok = isinstance(targets, Tensor) and ((targets.dtype == torch.int64 and targets.ndim == 1)
+                                              or (targets.is_floating_point() and targets.ndim == 2))
+        if not ok:
+            got = (f"{targets.dtype} of shape {tuple(targets.shape)}" if isinstance(targets, Tensor)
+                   else type(targets).__name__)
+            raise TrptsTypeError(
+                "the default loss (cross-entropy) needs targets as int64 class indices of shape (batch,) "
+                f"(or float class probabilities (batch, classes)); got {got}. Convert them (y.long(), "
+                "y.view(-1)), or pass loss_fn=(output, targets) -> scalar loss"
+            )
+    if isinstance(targets, Tensor):
+        return int(targets.shape[0]) if targets.ndim else 1
+    try:
+        return len(targets)
+    except TypeError:
+        raise TrptsTypeError(f"cannot tell the batch size from targets of type {type(targets).__name__}; "
+                             "pass a tensor or a sequence") from None
+
+
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """The default loss; logits ``(B, classes)``, targets ``(B,)`` int64."""
+    """The default loss; logits ``(B, classes)``, targets ``(B,)`` int64 or ``(B, classes)`` float."""
     if logits.ndim != 2:
         raise TrptsValueError(
             f"the default loss (cross-entropy) needs logits of shape (batch, classes); the model returned "
             f"{tuple(logits.shape)} (a model without pooling, e.g. timm global_pool=''?). Pass "
             "loss_fn=(output, targets) -> scalar loss"
         )
+    if targets.shape[0] != logits.shape[0] or (targets.ndim == 2 and targets.shape != logits.shape):
+        raise TrptsValueError(f"targets of shape {tuple(targets.shape)} do not match the logits "
+                              f"{tuple(logits.shape)} (batch, classes)")
     return F.cross_entropy(logits, targets)
+
+
+def _check_batch(base: nn.Module, adapter: ModelAdapter, inputs: Any, targets: Any, n: int, default_loss: bool,
+                 classes: int | None) -> int | None:
+    """Inputs and targets agree on the batch size, and (default loss) class indices lie within
+    the model's outputs, checked per batch outside any vmap. Returns the number of outputs
+    (found once, from one sample), or ``None`` when it was not needed."""
+    if isinstance(inputs, Tensor) and inputs.ndim and int(inputs.shape[0]) != n:
+        raise TrptsValueError(f"a batch's inputs hold {int(inputs.shape[0])} samples but its targets {n}: "
+                              "targets do not match the inputs")
+    if not (default_loss and isinstance(inputs, Tensor) and targets.ndim == 1 and targets.numel()):
+        return classes
+    if classes is None:
+        with torch.no_grad():
+            classes = int(adapter.logits(base(inputs[:1])).shape[-1])
+    if not (0 <= int(targets.min()) and int(targets.max()) < classes):
+        raise TrptsValueError(f"class indices must lie in 0..{classes - 1} (the model has {classes} "
+                              f"outputs); got {int(targets.min())}..{int(targets.max())}")
+    return classes
 
 
 def _progress_bar(data: Iterable[Any], num_batches: int | None, progress: bool) -> Iterable[Any]:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -50,8 +52,9 @@ class MaskHandle:
 
     Attributes:
         selection: the :class:`~trpts.Selection` that was applied.
-        base_values: ``{name: 1-D tensor}`` the values at the selected entries when the masks
-            were applied (the pretrained values; they fingerprint the backbone in deltas).
+        base_values: ``{name: 1-D tensor}`` the pretrained backbone's values at the selected
+            entries (they fingerprint the backbone in deltas): the values when the masks were
+            applied, except where a loaded task delta had changed them (resuming from a delta).
         masked: ``{name: parameter}`` of weights with frozen entries (hooked).
         full: ``{name: parameter}`` of fully trainable parameters (head, biases, extras,
             and selected weights whose every entry is selected).
@@ -71,12 +74,18 @@ class MaskHandle:
         self._flags: list[tuple[nn.Parameter, bool]] = []
         self._hooks: list[RemovableHandle] = []
         self._active = False
+        self._initial: dict[str, Tensor] = {}  # values at the selected entries at install
+        self._initial_full: dict[str, Tensor] = {}  # fully trainable tensors at install
 
     # ---- lifecycle ---------------------------------------------------------------------
     def _install(self) -> None:
         model = self._model_ref()
         assert model is not None
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        with torch.no_grad():
+            self._initial = {n: p.detach().reshape(-1)[self.selection.flat_indices(n).to(p.device)].clone()
+                             for n, p in self.masked.items()}
+            self._initial_full = {n: p.detach().clone() for n, p in self.full.items()}
         self._active = True
         try:
             self._attach()
@@ -84,7 +93,7 @@ class MaskHandle:
             for p in model.parameters():
                 p.requires_grad_(id(p) in trainable)
         except BaseException:
-            self.remove()
+            self._uninstall(keep=True)
             raise
         update_state(model, masks=self)
 
@@ -96,10 +105,65 @@ class MaskHandle:
         self._hooks.append(step_hook)
         weakref.finalize(self, step_hook.remove)  # unregister if dropped without remove()
 
+    def merge_and_unload(self) -> nn.Module | None:
+        """Stop training: keep the trained values as plain weights, remove what trpts added
+        (hooks, or sparse storage's compact vectors) and restore every ``requires_grad`` flag.
+        Idempotent. Returns the model (PEFT's ``merge_and_unload``)."""
+        self._uninstall(keep=True)
+        return self._model_ref()
+
+    def unload(self) -> nn.Module | None:
+        """Undo :func:`apply_masks` completely: the selected entries and the fully trained
+        tensors (head, biases) get back their values from before ``apply_masks``, bit-exactly,
+        and every ``requires_grad`` flag is restored. Idempotent. Returns the model."""
+        self._uninstall(keep=False)
+        return self._model_ref()
+
     def remove(self) -> None:
-        """Remove the hooks and restore every ``requires_grad`` flag. Idempotent."""
+        """Deprecated alias of :meth:`merge_and_unload` (it keeps the trained values); use
+        :meth:`unload` to restore the model as it was before ``apply_masks``."""
+        warnings.warn("MaskHandle.remove() is merge_and_unload(): it keeps the trained values. Call "
+                      "handle.merge_and_unload(), or handle.unload() to restore the model as it was "
+                      "before apply_masks", DeprecationWarning, stacklevel=2)
+        self._uninstall(keep=True)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the ``with`` block the model computes what it computed before
+        :func:`apply_masks` (the pretrained backbone and its original head, exactly); the
+        trained values come back on exit. Do not step an optimizer inside."""
+        if not self._active:
+            raise TrptsRuntimeError("disable_adapter() needs an active handle (this one was unloaded)")
+        trained = self._swap(self._initial, self._initial_full)
+        try:
+            yield
+        finally:
+            self._swap(*trained)
+
+    def _swap(self, selected: dict[str, Tensor], full: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Write ``selected`` (values at the selected entries) and ``full``; return what was there."""
+        with torch.no_grad():
+            before = ({n: self._read_selected(n) for n in selected},
+                      {n: p.detach().clone() for n, p in self.full.items()})
+            for n, values in selected.items():
+                self._write_selected(n, values)
+            for n, values in full.items():
+                self.full[n].copy_(values)
+        return before
+
+    def _read_selected(self, name: str) -> Tensor:
+        p = self.masked[name]
+        return p.detach().reshape(-1)[self.selection.flat_indices(name).to(p.device)].clone()
+
+    def _write_selected(self, name: str, values: Tensor) -> None:
+        p = self.masked[name]
+        p.view(-1).index_put_((self.selection.flat_indices(name).to(p.device),), values.to(p.dtype))
+
+    def _uninstall(self, keep: bool) -> None:
         if not self._active:
             return
+        if not keep:
+            self._swap(self._initial, self._initial_full)
         self._detach()
         for p, flag in self._flags:
             p.requires_grad_(flag)
@@ -122,7 +186,7 @@ class MaskHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.remove()
+        self.merge_and_unload()
 
     # ---- hooks ------------------------------------------------------------------------------
     def _make_hook(self, name: str):
@@ -236,6 +300,17 @@ class MaskHandle:
     def trainable_fraction(self) -> float:
         return self.num_trainable / max(1, self.num_total)
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable values, all values of the model)``, as PEFT's method of that name."""
+        return self.num_trainable, self.num_total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts in PEFT's format: ``trainable params: ... || all params: ... ||
+        trainable%: ...``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(1, total):.4f}")
+
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
         return (f"MaskHandle({state}, {len(self.masked)} masked weights with "
@@ -264,15 +339,21 @@ class SparseMaskHandle(MaskHandle):
     def _attach(self) -> None:
         self._merge = False  # a failed install restores the weights untouched
         for name, module in self._owners.items():
-            storage = SparseStorage(module, self.selection.indices(name), self.base_values[name])
+            storage = SparseStorage(module, self.selection.indices(name), self._initial[name])
             self.values[name] = storage.install()
             self._storages[name] = storage
         self._merge = True
 
-    def remove(self) -> None:
-        """Write the trained values into the weights, remove the compact parameters and
-        restore the modules and every ``requires_grad`` flag. Idempotent."""
-        super().remove()
+    def _read_selected(self, name: str) -> Tensor:
+        if name in self.values:
+            return self.values[name].detach().clone()
+        return super()._read_selected(name)
+
+    def _write_selected(self, name: str, values: Tensor) -> None:
+        if name in self.values:  # the forward writes them into the weight
+            self.values[name].copy_(values)
+        else:
+            super()._write_selected(name, values)
 
     def _detach(self) -> None:
         for storage in self._storages.values():
@@ -366,7 +447,9 @@ def apply_masks(
     touching the model: a failed call leaves it unchanged.
 
     Returns:
-        A :class:`MaskHandle`; ``handle.remove()`` restores the model's hooks and flags.
+        A :class:`MaskHandle`: ``handle.merge_and_unload()`` keeps the trained values as plain
+        weights, ``handle.unload()`` restores the model as it was, ``with
+        handle.disable_adapter():`` computes the model as it was for a while.
     """
     base = _check_arguments(model, selection, storage)
     named = dict(base.named_parameters())
@@ -398,8 +481,8 @@ def _check_arguments(model: nn.Module, selection: Selection, storage: str) -> nn
     base = unwrap_model(model)
     if get_mask_handle(base) is not None:
         raise TrptsRuntimeError(
-            "this model already has masks applied; call handle.remove() (or "
-            "trpts.get_mask_handle(model).remove()) before applying another selection"
+            "this model already has masks applied; call handle.merge_and_unload() or handle.unload() "
+            "(the handle is trpts.get_mask_handle(model)) before applying another selection"
         )
     return base
 
@@ -432,8 +515,16 @@ def _split_selection(base: nn.Module, named: dict[str, nn.Parameter], selection:
             masked[name] = p
             if storage == "hooks":  # sparse storage needs no dense mask
                 frozen[name] = (~selection[name]).to(p.device)
-        base_values[name] = p.detach().reshape(-1)[selection.flat_indices(name).to(p.device)].clone()
+        flat = selection.flat_indices(name).to(p.device)
+        base_values[name] = _pretrained_values(base, name, flat, p.detach().reshape(-1)[flat].clone())
     return masked, frozen, full, base_values
+
+
+def _pretrained_values(base: nn.Module, name: str, flat: Tensor, current: Tensor) -> Tensor:
+    """``current`` (values of weight ``name`` at positions ``flat``) with the positions an
+    active loaded task delta changed put back to the backbone's values there (resuming)."""
+    bank = model_state(base).deltas
+    return current if bank is None else bank.pretrained_values(name, flat, current)
 
 
 def _head_names(base: nn.Module, extra_trainable: Iterable[str]) -> list[str]:
