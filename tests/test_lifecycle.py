@@ -202,3 +202,140 @@ def test_python_dash_m_trpts_runs_the_cli():
     bad = subprocess.run([sys.executable, "-m", "trpts", "info", "/nonexistent.safetensors"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "error" in bad.stderr
+
+
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_a_delta_for_another_architecture_is_refused_before_anything_changes(tmp_path, family):
+    make = FACTORIES[family]
+    trained = make(depth=2)
+    h = trpts.apply_masks(trained, _selection(trained))
+    _step(trained, torch.optim.AdamW(h.param_groups(lr=1e-2)), _data(1)[0])
+    path = trpts.save_delta(trained, tmp_path / "two_blocks.safetensors")
+    assert trpts.read_delta(path)[0]["identity"]["depth"] == 2
+
+    deeper = make(depth=3)  # shares the first two blocks' parameter names and shapes
+    before = _state(deeper)
+    with pytest.raises(trpts.TrptsValueError, match=r"depth 2 in the delta but 3 here") as info:
+        trpts.load_delta(deeper, path)
+    assert "ignore_architecture=True" in str(info.value)
+    assert _same(_state(deeper), before) and trpts.loaded_deltas(deeper) == []
+    # the documented opt-out (the deeper model's blocks were initialised differently: its
+    # fingerprint differs too)
+    trpts.load_delta(deeper, path, ignore_architecture=True, ignore_fingerprint=True).remove()
+    assert _same(_state(deeper), before)
+
+
+def test_timm_identity_covers_image_size_heads_and_prefix_tokens(tmp_path):
+    trained = make_timm_vit()
+    h = trpts.apply_masks(trained, _selection(trained))
+    _step(trained, torch.optim.AdamW(h.param_groups(lr=1e-2)), _data(1)[0])
+    path = trpts.save_delta(trained, tmp_path / "t.safetensors")
+    stored = trpts.read_delta(path)[0]["identity"]
+    assert {k: stored[k] for k in ("width", "heads", "patch_size", "img_size", "prefix_tokens")} == {
+        "width": 32, "heads": 2, "patch_size": [4, 4], "img_size": [16, 16], "prefix_tokens": 1}
+    for changed, what in (({"img_size": 32}, "img_size"), ({"num_heads": 4}, "heads"),
+                          ({"reg_tokens": 2}, "prefix_tokens")):
+        other = make_timm_vit(**changed)
+        with pytest.raises(trpts.TrptsValueError, match=what):
+            trpts.load_delta(other, path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "trpts", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_merge_builds_the_stored_timm_architecture(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pretrained = make_timm_vit()  # img 16, patch 4, width 32, depth 2, heads 2, mlp_ratio 2
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, tmp_path / "base.safetensors")
+    trained = copy.deepcopy(pretrained)
+    h = trpts.apply_masks(trained, _selection(trained))
+    _step(trained, torch.optim.AdamW(h.param_groups(lr=1e-2)), _data(1)[0])
+    delta = trpts.save_delta(trained, tmp_path / "t.safetensors", metadata={"dataset": "tiny"})
+    info = _cli("info", str(delta))
+    assert info.returncode == 0 and "'dataset': 'tiny'" in info.stdout and "'depth': 2" in info.stdout
+
+    out = tmp_path / "merged.safetensors"
+    common = [str(delta), "--weights", str(tmp_path / "base.safetensors"), "--num-classes", "5", "--out", str(out)]
+    missing = _cli("merge", *common)  # mlp_ratio is not part of the stored architecture
+    assert missing.returncode == 1 and "a different architecture" in missing.stderr
+    done = _cli("merge", *common, "--model-kwargs", "mlp_ratio=2.0")  # model name, sizes: from the delta
+    assert done.returncode == 0, done.stderr
+    plain = make_timm_vit()
+    plain.load_state_dict(load_file(out), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(_out(plain, x), _out(trained, x))
+
+    wrong = _cli("merge", str(delta), "--model-kwargs", "mlp_ratio=2.0", "--num-classes", "5", "--out",
+                 str(tmp_path / "m2.safetensors"))  # random base weights
+    assert wrong.returncode == 1 and "--ignore-fingerprint" in wrong.stderr and "=True" not in wrong.stderr
+    bad = _cli("merge", *common, "--model-kwargs", "mlp_ratio")
+    assert bad.returncode == 1 and "--model-kwargs takes key=value" in bad.stderr
+
+
+def test_cli_merge_builds_a_hugging_face_model_from_a_config_directory(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import ViTForImageClassification
+
+    pretrained = make_hf_vit()
+    pretrained.save_pretrained(tmp_path / "base")  # config.json + model.safetensors, local
+    trained = copy.deepcopy(pretrained)
+    h = trpts.apply_masks(trained, _selection(trained))
+    _step(trained, torch.optim.AdamW(h.param_groups(lr=1e-2)), _data(1)[0])
+    delta = trpts.save_delta(trained, tmp_path / "t.safetensors")
+    out = tmp_path / "merged.safetensors"
+    refused = _cli("merge", str(delta), "--out", str(out))
+    assert refused.returncode == 1 and "--hf-config" in refused.stderr
+    done = _cli("merge", str(delta), "--hf-config", str(tmp_path / "base"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    plain = ViTForImageClassification(pretrained.config)
+    plain.load_state_dict(load_file(out), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(_out(plain, x), _out(trained, x))
+
+
+def test_hugging_face_config_follows_the_active_head_and_save_pretrained_round_trips(tmp_path):
+    from transformers import ViTForImageClassification
+
+    pretrained = make_hf_vit()  # 5 labels, placeholder names
+    original = (pretrained.config.num_labels, dict(pretrained.config.id2label))
+    trained = copy.deepcopy(pretrained)
+    trained.classifier = torch.nn.Linear(32, 3)  # a 3-class task
+    h = trpts.apply_masks(trained, _selection(trained))
+    opt = torch.optim.AdamW(h.param_groups(lr=1e-2))
+    trained.train()
+    out = trained(torch.randn(4, 3, 16, 16)).logits
+    F.cross_entropy(out, torch.tensor([0, 1, 2, 1])).backward()
+    opt.step()
+    names = ["cat", "dog", "bird"]
+    path = trpts.save_delta(trained, tmp_path / "animals.safetensors", labels=names)
+    assert trpts.read_delta(path)[0]["labels"] == names
+    with pytest.raises(trpts.TrptsValueError, match="3 outputs"):
+        trpts.save_delta(trained, tmp_path / "bad.safetensors", labels=["a", "b"])
+
+    model = copy.deepcopy(pretrained)
+    trpts.load_delta(model, path)
+    assert model.config.num_labels == 3 and model.config.id2label == dict(enumerate(names))
+    assert model.config.label2id == {n: i for i, n in enumerate(names)}
+    x = torch.randn(2, 3, 16, 16)
+    expected = _out(model, x)
+    model.save_pretrained(tmp_path / "exported")  # the ecosystem's own format, then back
+    again = ViTForImageClassification.from_pretrained(tmp_path / "exported", local_files_only=True)
+    assert torch.equal(_out(again, x), expected) and again.config.id2label == dict(enumerate(names))
+    trpts.activate_delta(model, None)  # the original head and its metadata
+    assert (model.config.num_labels, dict(model.config.id2label)) == original
+
+
+def test_timm_num_classes_follows_the_active_head(tmp_path):
+    pretrained = make_timm_vit()
+    trained = copy.deepcopy(pretrained)
+    trained.reset_classifier(3)
+    h = trpts.apply_masks(trained, _selection(trained))
+    _step(trained, torch.optim.AdamW(h.param_groups(lr=1e-2)), (torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])))
+    path = trpts.save_delta(trained, tmp_path / "t.safetensors")
+    model = copy.deepcopy(pretrained)
+    trpts.load_delta(model, path)
+    assert model.num_classes == 3 and model.get_classifier().out_features == 3
+    trpts.activate_delta(model, None)
+    assert model.num_classes == 5 and model.get_classifier().out_features == 5

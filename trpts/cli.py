@@ -11,11 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .delta import merge_delta, read_delta
-from .errors import TrptsError
+from .errors import TrptsError, TrptsValueError
 
 __all__ = ["main"]
 
@@ -46,6 +47,9 @@ def _info(args: argparse.Namespace) -> int:
         "token selection " + (f"blocks {tokens['layers']}, rho {tokens['rho']} ({tokens['placement']})"
                               if tokens else "none"),
         f"selection       {meta.get('selection')}",
+        f"architecture    {meta.get('identity') or '-'}",
+        f"labels          {', '.join(map(str, meta['labels'])) if meta.get('labels') else '-'}",
+        f"user metadata   {meta.get('user') or '-'}",
     ]
     print("\n".join(lines))
     if not args.brief:
@@ -60,26 +64,60 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .models._timm_common import create_model
+    from .models._build import build_backbone
 
     meta, _ = read_delta(args.file)
-    model = create_model(args.model, **({"num_classes": args.num_classes} if args.num_classes is not None else {}))
+    model = build_backbone(meta, model=args.model, model_kwargs=_kwargs(args.model_kwargs),
+                           hf_config=args.hf_config, num_classes=args.num_classes)
     if args.weights:
-        weights = Path(args.weights)
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(weights))
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            print(f"trpts merge: note: {len(missing)} missing and {len(unexpected)} unexpected keys in "
-                  f"{weights} (e.g. {(missing or unexpected)[:3]})", file=sys.stderr)
-    state = merge_delta(model, args.file, args.out, ignore_fingerprint=args.ignore_fingerprint)
+        _load_weights(model, Path(args.weights))
+    state = merge_delta(model, args.file, args.out, ignore_fingerprint=args.ignore_fingerprint,
+                        ignore_architecture=args.ignore_architecture)
     print(f"wrote {args.out}: {len(state)} tensors, {_size(os.path.getsize(args.out))} "
-          f"({meta.get('name')} merged into {args.model})")
+          f"({meta.get('name')} merged into {type(model).__name__} {meta.get('architecture')})")
     return 0
+
+
+def _kwargs(text: str | None) -> dict[str, Any]:
+    """``img_size=64,depth=4,global_pool=token`` -> a dict (numbers, true/false/none parsed)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TrptsValueError(f"--model-kwargs takes key=value pairs separated by commas, got {item!r}")
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+def _value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _load_weights(model: torch.nn.Module, weights: Path) -> None:
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # sizes differ: the model built is not the one of the weights
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err)[:300])
+        raise TrptsValueError(f"the base weights {weights} do not fit the model built for the delta "
+                              f"({first}): a different architecture; describe the model with --model / "
+                              "--model-kwargs") from None
+    if missing or unexpected:
+        print(f"trpts merge: note: {len(missing)} missing and {len(unexpected)} unexpected keys in "
+              f"{weights} (e.g. {(missing or unexpected)[:3]})", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,16 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--brief", action="store_true", help="omit the per-weight table")
     info.set_defaults(run=_info)
     merge = sub.add_parser("merge", help="bake a delta into a plain checkpoint",
-                           description="Create the timm model, load its base weights, apply the delta and "
-                                       "write a plain safetensors state dict usable without trpts.")
+                           description="Build the timm or Hugging Face model the delta was trained on, load "
+                                       "its local base weights, apply the delta and write a plain safetensors "
+                                       "state dict usable without trpts (nothing is downloaded).")
     merge.add_argument("file", help="a .safetensors file written by trpts.save_delta")
-    merge.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    merge.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224 (default: the one stored "
+                                       "in the delta, built with its stored depth, width, heads, patch and "
+                                       "image size)")
+    merge.add_argument("--model-kwargs", help="more timm create_model arguments, e.g. img_size=64,depth=4")
+    merge.add_argument("--hf-config", help="a Hugging Face model: a local save_pretrained directory (its "
+                                           "config.json, and its weights when it holds them)")
     merge.add_argument("--weights", help="local base weights (.safetensors, or a torch state dict file); "
                                          "nothing is downloaded")
     merge.add_argument("--num-classes", type=int, help="head size of the base model before merging")
     merge.add_argument("--out", required=True, help="where to write the merged .safetensors")
     merge.add_argument("--ignore-fingerprint", action="store_true",
                        help="merge even if the base weights differ from those the delta was trained on")
+    merge.add_argument("--ignore-architecture", action="store_true",
+                       help="merge even if depth, width, heads, patch or image size differ from the stored ones")
     merge.set_defaults(run=_merge)
     return parser
 
@@ -113,8 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (TrptsError, FileNotFoundError, RuntimeError, ValueError) as err:
-        print(f"trpts {args.command}: error: {err}", file=sys.stderr)
+        print(f"trpts {args.command}: error: {_flags(str(err))}", file=sys.stderr)
         return 1
+
+
+def _flags(message: str) -> str:
+    """Python argument names in a library message, as this command's flags."""
+    for python, flag in (("ignore_fingerprint=True", "--ignore-fingerprint"),
+                         ("ignore_architecture=True", "--ignore-architecture")):
+        message = message.replace(python, flag)
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ between loaded tasks, :func:`merge_delta` bakes one into a plain state dict. The
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def _head_paths(model: nn.Module, adapter: ModelAdapter) -> list[str]:
 
 def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = None,
                dtype: torch.dtype | None = None, name: str | None = None,
-               metadata: Mapping[str, Any] | None = None) -> Path:
+               metadata: Mapping[str, Any] | None = None, labels: Sequence[str] | None = None) -> Path:
     """Write the task delta of a model trained with :func:`trpts.apply_masks`.
 
     Args:
@@ -62,6 +62,8 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
             the training dtype, so that reloading is exact.
         name: the task's default name when loaded (default: the file's stem).
         metadata: extra JSON-serializable information kept under ``"user"``.
+        labels: the head's class names, one per output (default: the model's own, e.g. a
+            Hugging Face config's ``id2label``); a loaded delta sets them on the model.
 
     Returns:
         The path written.
@@ -98,6 +100,8 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "name": name or Path(path).stem,
         "family": adapter.family,
         "architecture": adapter.architecture(base),
+        "identity": adapter.identity(base),
+        "labels": _labels(base, adapter, full, heads, labels),
         "matrices": matrices,
         "full": {n: list(p.shape) for n, p in full.items()},
         "heads": [h for h in heads if any(n.startswith(h + ".") for n in full)],
@@ -108,6 +112,20 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "user": dict(metadata or {}),
     }
     return write_delta_file(path, meta, tensors)
+
+
+def _labels(base: nn.Module, adapter: ModelAdapter, full: Mapping[str, Tensor], heads: list[str],
+            labels: Sequence[str] | None) -> list[str] | None:
+    """The class names stored with the delta: ``labels``, else the model's own; checked against
+    the trained head's output count."""
+    names = [str(n) for n in labels] if labels is not None else adapter.labels(base)
+    outputs = {int(full[f"{h}.weight"].shape[0]) for h in heads if f"{h}.weight" in full}
+    if names is not None and outputs and outputs != {len(names)}:
+        if labels is None:  # the model's metadata is stale (a head replaced by hand): store none
+            return None
+        raise TrptsValueError(f"labels has {len(names)} names but the trained head has "
+                              f"{', '.join(map(str, sorted(outputs)))} outputs: give one name per output")
+    return names
 
 
 # ---- many tasks on one backbone ---------------------------------------------------------------
@@ -136,6 +154,8 @@ class _Bank:
         self.active: str | None = None
         self.original_heads = {p: model.get_submodule(p) for p in _head_paths(model, adapter)}
         self.original_tokens = get_token_config(model)
+        self.adapter = adapter
+        self.original_metadata = adapter.head_metadata(model)  # HF config labels, timm num_classes
         self.params = dict(model.named_parameters())  # parameter objects are stable; no walk per switch
 
     def _set_module(self, path: str, module: nn.Module) -> None:
@@ -143,14 +163,18 @@ class _Bank:
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, module)
 
     def _write(self, task: _Task, values: dict[str, Tensor], full: dict[str, Tensor],
-               heads: dict[str, nn.Module], tokens: TokenConfig | dict[str, Any] | None) -> None:
-        """Write ``values`` at the task's entries, the ``full`` tensors, ``heads`` and ``tokens``."""
+               heads: dict[str, nn.Module], tokens: TokenConfig | dict[str, Any] | None,
+               metadata: dict[str, Any]) -> None:
+        """Write ``values`` at the task's entries, the ``full`` tensors, ``heads`` (and the
+        model's head ``metadata``) and ``tokens``."""
         for m, idx in task.index.items():
             self.params[m].view(-1).index_put_((idx,), values[m])
         for n, v in full.items():
             self.params[n].copy_(v)
         for p, head in heads.items():
             self._set_module(p, head)
+        if heads:
+            self.adapter.set_head_metadata(self.model, metadata)
         if task.apply_tokens:
             apply_token_config(self.model, tokens)
 
@@ -162,7 +186,9 @@ class _Bank:
         if name is None:
             return
         task = self.tasks[name]
-        self._write(task, task.values, task.full, task.heads, task.meta["tokens"])
+        classes = next((int(h.out_features) for h in task.heads.values()), 0)
+        metadata = self.adapter.task_head_metadata(classes, task.meta.get("labels"))
+        self._write(task, task.values, task.full, task.heads, task.meta["tokens"], metadata)
         self.active = name
 
     def pretrained_values(self, name: str, flat: Tensor, current: Tensor) -> Tensor:
@@ -184,7 +210,7 @@ class _Bank:
             return
         task = self.tasks[self.active]
         heads = {p: h for p, h in self.original_heads.items() if p in task.heads}
-        self._write(task, task.base_values, task.base_full, heads, self.original_tokens)
+        self._write(task, task.base_values, task.base_full, heads, self.original_tokens, self.original_metadata)
         self.active = None
 
 
@@ -280,7 +306,7 @@ def activate_delta(model: nn.Module, name: str | None) -> None:
 
 
 def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tokens: bool = True,
-               ignore_fingerprint: bool = False) -> DeltaHandle:
+               ignore_fingerprint: bool = False, ignore_architecture: bool = False) -> DeltaHandle:
     """Apply a task delta onto a pretrained backbone in place and make it the active task.
 
     Args:
@@ -291,6 +317,9 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
             ``False`` keeps the model's current token behaviour.
         ignore_fingerprint: load even onto a backbone whose values at the selected entries
             differ from those the delta was trained on (at your own risk).
+        ignore_architecture: load even onto a model whose depth, width, heads, patch size, image
+            size or prefix tokens differ from the stored ones, as long as every stored tensor
+            fits (at your own risk: e.g. a delta trained at 224 px onto the same model at 384 px).
 
     Transactional: on any error the model is exactly as before. Right after loading, a delta
     stored in the training dtype gives outputs equal (``torch.equal``) to the trained model's.
@@ -304,20 +333,23 @@ def load_delta(model: nn.Module, path: PathLike, *, name: str | None = None, tok
         raise TrptsValueError(f"a delta named {name!r} is already loaded; pass another name= "
                               f"(loaded: {list(bank.tasks)})")
     adapter = get_adapter(base)
-    _check_fit(base, adapter, meta, path, tokens)  # 2. this model has what the delta writes to
+    _check_fit(base, adapter, meta, path, tokens, ignore_architecture)  # 2. this model has what the delta writes to
     task = _build_task(base, name, meta, tensors, path, tokens)  # 3. without touching the model
     _install(base, adapter, bank, task, path, ignore_fingerprint)  # 4. fingerprint check, then activate
     return DeltaHandle(base, name)
 
 
-def _check_fit(base: nn.Module, adapter: ModelAdapter, meta: dict[str, Any], path: PathLike, tokens: bool) -> None:
-    """Check that the delta fits ``base`` (family, parameters and shapes, heads, token-selection
-    blocks)."""
+def _check_fit(base: nn.Module, adapter: ModelAdapter, meta: dict[str, Any], path: PathLike, tokens: bool,
+               ignore_architecture: bool = False) -> None:
+    """Check that the delta fits ``base`` (family, architecture, parameters and shapes, heads,
+    token-selection blocks)."""
     params = dict(base.named_parameters())
     family = adapter.family
     if (meta.get("family") or GENERIC.family) != family:  # files before 0.2 stored None for generic
         raise TrptsValueError(f"{path} was trained on a {meta.get('family')} model ({meta.get('architecture')}); "
                               f"this model is {family} ({adapter.architecture(base)})")
+    if not ignore_architecture:
+        _check_identity(meta.get("identity"), adapter.identity(base), path)
     for m, info in meta["matrices"].items():
         if m not in params:
             raise TrptsValueError(f"{path} holds {m!r}, which this model ({adapter.architecture(base)}) does "
@@ -350,6 +382,21 @@ def _check_fit(base: nn.Module, adapter: ModelAdapter, meta: dict[str, Any], pat
             if not 0 <= i < len(blocks):
                 raise TrptsValueError(f"the delta's token-selection blocks {token_config['layers']} do not exist here")
             adapter.check_block(blocks[i])
+
+
+def _check_identity(stored: dict[str, Any] | None, here: dict[str, Any], path: PathLike) -> None:
+    """The stored architecture (older files have none) equals this model's on every field both
+    name, but the label (a name; the fingerprint tells weights apart)."""
+    if not stored:
+        return
+    differ = {k: (stored[k], here[k]) for k in stored if k in here and k != "architecture" and stored[k] != here[k]}
+    if differ:
+        what = ", ".join(f"{k} {a} in the delta but {b} here" for k, (a, b) in differ.items())
+        raise TrptsValueError(
+            f"{path} was trained on another architecture ({stored.get('architecture')}: {what}; this model: "
+            f"{here.get('architecture')}). Load it onto the model it was trained on, or pass "
+            "ignore_architecture=True if you know the delta fits"
+        )
 
 
 def _build_task(base: nn.Module, name: str, meta: dict[str, Any], tensors: dict[str, Tensor],
@@ -420,14 +467,15 @@ def _install(base: nn.Module, adapter: ModelAdapter, existing: _Bank | None, tas
 
 
 def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *,
-                ignore_fingerprint: bool = False) -> dict[str, Tensor]:
+                ignore_fingerprint: bool = False, ignore_architecture: bool = False) -> dict[str, Tensor]:
     """A plain state dict of ``model`` with the delta baked in (usable without trpts; token
     selection is not part of a state dict). Writes it as safetensors to ``out`` (atomically)
     when given. The model itself is left as it was."""
     base = unwrap_model(model)
     bank = _bank(base)
     previous = bank.active if bank is not None else None
-    handle = load_delta(base, path, name=f"__merge__{id(path)}", tokens=False, ignore_fingerprint=ignore_fingerprint)
+    handle = load_delta(base, path, name=f"__merge__{id(path)}", tokens=False, ignore_fingerprint=ignore_fingerprint,
+                        ignore_architecture=ignore_architecture)
     try:
         state = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
     finally:

@@ -210,6 +210,8 @@ _OPTIONAL = {
     "name": ((str, type(None)), "a string or null"),
     "family": ((str, type(None)), "a string or null"),
     "architecture": ((str, type(None)), "a string"),
+    "identity": ((dict, type(None)), "an object"),
+    "labels": ((list, type(None)), "an array of strings or null"),
     "trpts_version": ((str, type(None)), "a string"),
     "selection": ((dict, type(None)), "an object or null"),
     "user": ((dict, type(None)), "an object"),
@@ -250,6 +252,8 @@ def _check_header(meta: Mapping[str, Any], path: PathLike) -> None:
         _bad(path, f"the fingerprint must be 64 lowercase hex digits, got {fp[:70]!r}")
     if not all(isinstance(h, str) for h in meta["heads"]):
         _bad(path, "the metadata field 'heads' must be an array of strings")
+    if not all(isinstance(n, str) for n in meta.get("labels") or []):
+        _bad(path, "the metadata field 'labels' must be an array of strings")
 
 
 def _check_tokens(tokens: Mapping[str, Any] | None, path: PathLike) -> None:

@@ -13,6 +13,13 @@ from .base import ModelAdapter
 from .generic import conventional_heads
 
 
+def _ints(value: Any) -> list[int] | None:
+    """A size (int or pair) as a JSON list."""
+    if value is None:
+        return None
+    return [int(v) for v in (value if isinstance(value, (tuple, list)) else (value, value))]
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """A timm model by name, with random weights (``timm.create_model(name, pretrained=False)``):
     nothing is downloaded."""
@@ -44,6 +51,29 @@ class TimmBlocksAdapter(ModelAdapter):
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         return conventional_heads(model)
+
+    def identity(self, model: nn.Module) -> dict[str, Any]:
+        """Adds width, heads, patch size, image size (``None`` with ``dynamic_img_size``) and
+        prefix tokens."""
+        patch = model.patch_embed
+        attn = getattr(self.blocks(model)[0], "attn", None) if self.blocks(model) else None
+        dynamic = bool(getattr(patch, "dynamic_img_size", False) or getattr(model, "dynamic_img_size", False))
+        img = getattr(patch, "img_size", None)
+        return {**super().identity(model), "width": int(getattr(model, "embed_dim", model.num_features)),
+                "heads": int(attn.num_heads) if attn is not None and hasattr(attn, "num_heads") else None,
+                "patch_size": _ints(getattr(patch, "patch_size", None)),
+                "img_size": None if dynamic else _ints(img),
+                "prefix_tokens": int(getattr(model, "num_prefix_tokens", 0))}
+
+    def head_metadata(self, model: nn.Module) -> dict[str, Any]:
+        return {"num_classes": model.num_classes} if hasattr(model, "num_classes") else {}
+
+    def set_head_metadata(self, model: nn.Module, metadata: dict[str, Any]) -> None:
+        if "num_classes" in metadata and hasattr(model, "num_classes"):
+            model.num_classes = int(metadata["num_classes"])
+
+    def task_head_metadata(self, num_classes: int, labels: list[str] | None) -> dict[str, Any]:
+        return {"num_classes": num_classes}
 
     def architecture(self, model: nn.Module) -> str:
         """``Class:timm_name`` from the model's ``pretrained_cfg`` (the class name alone without it)."""

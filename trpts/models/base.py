@@ -78,6 +78,30 @@ class ModelAdapter(ABC):
         """The architecture label stored in delta files (the class name by default)."""
         return type(model).__name__
 
+    def identity(self, model: nn.Module) -> dict[str, Any]:
+        """Everything that decides whether a task delta fits ``model``, stored in delta files and
+        compared on load (JSON values): the architecture label and depth here; families add
+        width, heads, patch size, image size and prefix tokens."""
+        return {"architecture": self.architecture(model), "depth": len(self.blocks(model))}
+
+    def labels(self, model: nn.Module) -> list[str] | None:
+        """The class names the model's own metadata gives its head (stored in deltas), if any."""
+        return None
+
+    def head_metadata(self, model: nn.Module) -> dict[str, Any]:
+        """A copy of what the model says about its head (class count, names): restored by
+        :meth:`set_head_metadata` when a task delta is deactivated. None by default."""
+        return {}
+
+    def set_head_metadata(self, model: nn.Module, metadata: dict[str, Any]) -> None:
+        """Write metadata from :meth:`head_metadata` or :meth:`task_head_metadata` (families
+        without head metadata keep nothing to write)."""
+        return None
+
+    def task_head_metadata(self, num_classes: int, labels: list[str] | None) -> dict[str, Any]:
+        """The metadata of a head with ``num_classes`` outputs named ``labels``."""
+        return {}
+
     def batch(self, batch: Any) -> tuple[Any, Tensor]:
         """``(inputs, targets)`` of one batch of the user's loader (the ecosystems' conventions:
         an ``(inputs, targets)`` tuple, or a Hugging Face dict with ``pixel_values`` / ``labels``)."""

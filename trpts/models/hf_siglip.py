@@ -21,6 +21,7 @@ class HFSiglipVisionAdapter(HFVisionAdapter):
 
     _CLASSES = ("SiglipVisionModel", "SiglipForImageClassification")
     _BACKBONES = ("vision_model",)
+    _PREFIX_TOKENS = 0  # no [CLS]
     tokens_unsupported = ("token selection scores tokens by [CLS] attention (eq. 8), and SigLIP has no "
                           "[CLS] token: it pools by attention or by the mean of all tokens")
 

@@ -10,6 +10,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
+from ._hf_config import (
+    config_head_metadata,
+    config_identity,
+    config_labels,
+    set_config_head_metadata,
+    task_head_metadata,
+)
 from .base import BlockForward, TokenAdapter, has_parameters
 
 
@@ -79,6 +86,21 @@ class HFViTAdapter(TokenAdapter):
 
     def reducing_forward(self, block: nn.Module) -> BlockForward:
         return _reducing_layer_forward
+
+    def identity(self, model: nn.Module) -> dict[str, Any]:
+        return {**super().identity(model), **config_identity(model, 1)}
+
+    def labels(self, model: nn.Module) -> list[str] | None:
+        return config_labels(model)
+
+    def head_metadata(self, model: nn.Module) -> dict[str, Any]:
+        return config_head_metadata(model)
+
+    def set_head_metadata(self, model: nn.Module, metadata: dict[str, Any]) -> None:
+        set_config_head_metadata(model, metadata)
+
+    def task_head_metadata(self, num_classes: int, labels: list[str] | None) -> dict[str, Any]:
+        return task_head_metadata(num_classes, labels)
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         head = getattr(model, "classifier", None)
