@@ -339,3 +339,13 @@ def test_timm_num_classes_follows_the_active_head(tmp_path):
     assert model.num_classes == 3 and model.get_classifier().out_features == 3
     trpts.activate_delta(model, None)
     assert model.num_classes == 5 and model.get_classifier().out_features == 5
+
+
+def test_from_tensors_on_a_delta_points_to_from_delta(tmp_path):
+    trained = make_timm_vit()
+    trpts.apply_masks(trained, _selection(trained))
+    path = trpts.save_delta(trained, tmp_path / "t.safetensors")
+    meta, tensors = trpts.read_delta(path)
+    columns = {k.split(":", 1)[1]: v for k, v in tensors.items() if k.startswith("columns:")}
+    with pytest.raises(trpts.TrptsValueError, match=r"Selection\.from_delta"):
+        trpts.Selection.from_tensors(columns, meta["selection"])

@@ -206,6 +206,9 @@ class Selection(Mapping[str, Tensor]):
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> Selection:
         """Inverse of :meth:`to_tensors` + :meth:`to_config` (lossless)."""
+        if config.get("format") is None:
+            raise TrptsValueError("config is not a Selection.to_config() (it has no 'format'); the "
+                                  "selection of a delta file is trpts.Selection.from_delta(path)")
         if config.get("format") != SELECTION_FORMAT:
             raise TrptsValueError(
                 f"unknown selection format {config.get('format')!r}; this trpts reads format "
