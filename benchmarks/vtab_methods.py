@@ -99,6 +99,8 @@ METHODS: dict[str, Method] = {
     # C = 2 per neuron plus the masked layers' biases: exactly the default's count (C = 3, no biases)
     "share_power 0: C=2 + biases (the default's count)": _p0_ablation(placement="sparse", biases=True,
                                                                        budget=0.0039),
+    # the default with GPS's scores (|mean gradient|, compute_fisher(score="gradient")) instead of Fisher
+    "share_power 0: |gradient| scores + tokens": _p0_ablation(placement="sparse", score="gradient"),
 }
 
 
@@ -240,7 +242,7 @@ def trpts_selection(model: nn.Module, run: Run) -> trpts.Selection:
     if opts.get("no_patch_embed"):
         params = [n for n in params if not n.startswith("patch_embed.")]
     fisher = trpts.compute_fisher(model, fisher_batches(model, run), per_sample=bool(opts.get("per_sample")),
-                                  params=params, progress=False)
+                                  params=params, progress=False, score=opts.get("score", "fisher"))
     if head_state is not None:
         model.get_classifier().load_state_dict(head_state)
     if opts.get("times_w2"):  # F w^2 is unchanged when LayerScale's gamma is folded into W

@@ -222,3 +222,22 @@ def test_probability_targets_work_with_the_default_loss():
     soft = torch.softmax(torch.randn(4, 5), dim=1)
     fisher = trpts.compute_fisher(model, [(torch.randn(4, 3, 16, 16), soft)], progress=False)
     assert all(bool((f >= 0).all()) and f.dtype == torch.float32 for f in fisher.values())
+
+
+def test_gradient_score_is_the_magnitude_of_the_mean_gradient(timm_vit):
+    """score="gradient" (GPS's): |sum_b n_b g_b| / N in microbatch mode, |mean_i g_i| per sample:
+    both equal the magnitude of the full-data mean gradient."""
+    batches = [make_batches(1, 4, seed=3)[0], make_batches(1, 2, seed=4)[0]]  # unequal sizes
+    micro = trpts.compute_fisher(timm_vit, batches, score="gradient", progress=False)
+    exact = trpts.compute_fisher(timm_vit, batches, score="gradient", per_sample=True, progress=False)
+    params = dict(timm_vit.named_parameters())
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    grads = torch.autograd.grad(F.cross_entropy(timm_vit(x), y), [params[n] for n in micro])
+    fisher = trpts.compute_fisher(timm_vit, batches, progress=False)
+    for n, g in zip(micro, grads, strict=True):
+        torch.testing.assert_close(micro[n], g.abs(), rtol=1e-4, atol=1e-8)  # sums cancel near 0
+        torch.testing.assert_close(exact[n], g.abs(), rtol=1e-4, atol=1e-8)
+        assert micro[n].dtype == torch.float32 and not torch.equal(micro[n], fisher[n])
+    with pytest.raises(trpts.TrptsValueError, match="score must be"):
+        trpts.compute_fisher(timm_vit, batches, score="hessian", progress=False)

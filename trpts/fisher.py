@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ __all__ = ["compute_fisher", "default_scored_parameters"]
 
 LossFn = Callable[[Any, Tensor], Tensor]
 ParamSelector = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
+Score = Literal["fisher", "gradient"]
 
 _VMAP_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
@@ -99,6 +100,7 @@ def compute_fisher(
     train_mode: bool = False,
     chunk_size: int = 16,
     progress: bool = True,
+    score: Score = "fisher",
 ) -> dict[str, Tensor]:
     """Diagonal empirical Fisher scores of the model's parameters on ``data`` (paper eq. 2).
 
@@ -127,13 +129,17 @@ def compute_fisher(
         train_mode: score in training mode (dropout / drop-path active). Default: eval mode.
         chunk_size: samples per vmap call in ``per_sample`` mode (memory ~ chunk x params).
         progress: show a tqdm progress bar.
+        score: ``"fisher"`` (default, eq. 2: the mean squared gradient) or ``"gradient"``: the
+            magnitude of the mean gradient, ``|sum_b n_b g_b| / sum_b n_b`` (per sample:
+            ``|mean_i g_i|``), GPS's score, which favours entries whose gradient keeps one
+            sign over the data over entries with large but noisy gradients.
 
     Returns:
         ``{name: scores}`` keyed by ``model.named_parameters()`` names (DDP's ``module.``
         and compile's ``_orig_mod.`` prefixes removed); each value is float32, on the
         parameter's device, of the parameter's shape, finite and ``>= 0``.
     """
-    _check_arguments(model, num_batches, chunk_size)
+    _check_arguments(model, num_batches, chunk_size, score)
     base = unwrap_model(model)
     adapter = get_adapter(base)
     scored = _resolve_params(base, adapter, params)
@@ -152,14 +158,17 @@ def compute_fisher(
                 continue
             classes = _check_batch(base, adapter, inputs, targets, n, default_loss, classes)
             if per_sample:
-                _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode)
+                _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode,
+                                       score)
             else:
-                _accumulate_batch(base, scored, sums, inputs, targets, loss_fn, n)
+                _accumulate_batch(base, scored, sums, inputs, targets, loss_fn, n, score)
             count += n
-    return _average(sums, count, device)
+    return _average(sums, count, device, score)
 
 
-def _check_arguments(model: Any, num_batches: Any, chunk_size: Any) -> None:
+def _check_arguments(model: Any, num_batches: Any, chunk_size: Any, score: Any) -> None:
+    if score not in ("fisher", "gradient"):
+        raise TrptsValueError(f"score must be 'fisher' (eq. 2) or 'gradient' (|mean gradient|), got {score!r}")
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise TrptsValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -235,18 +244,23 @@ def _progress_bar(data: Iterable[Any], num_batches: int | None, progress: bool) 
 
 
 def _accumulate_batch(base: nn.Module, scored: dict[str, nn.Parameter], sums: dict[str, Tensor],
-                      inputs: Any, targets: Tensor, loss_fn: LossFn, n: int) -> None:
-    """Add ``n g_b^2`` of one batch's mean gradient ``g_b`` to ``sums`` (the microbatch estimate)."""
+                      inputs: Any, targets: Tensor, loss_fn: LossFn, n: int, score: Score) -> None:
+    """Add ``n g_b^2`` (``"gradient"``: ``n g_b``) of one batch's mean gradient ``g_b`` to
+    ``sums`` (the microbatch estimate)."""
     loss = loss_fn(base(inputs), targets)
     grads = torch.autograd.grad(loss, list(scored.values()), allow_unused=True)
     for (name, _), g in zip(scored.items(), grads, strict=True):
         if g is not None:
             g = g.float()
-            sums[name].addcmul_(g, g, value=float(n))
+            if score == "gradient":
+                sums[name].add_(g, alpha=float(n))
+            else:
+                sums[name].addcmul_(g, g, value=float(n))
 
 
-def _average(sums: dict[str, Tensor], count: int, device: torch.device) -> dict[str, Tensor]:
-    """``sums / samples``, both summed over ranks under ``torch.distributed``; checked finite."""
+def _average(sums: dict[str, Tensor], count: int, device: torch.device, score: Score) -> dict[str, Tensor]:
+    """``sums / samples`` (``"gradient"``: its magnitude), both summed over ranks under
+    ``torch.distributed``; checked finite."""
     count_t = torch.tensor([float(count)], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(count_t)
@@ -258,6 +272,8 @@ def _average(sums: dict[str, Tensor], count: int, device: torch.device) -> dict[
             "data yielded no samples; pass a non-empty iterable of (inputs, targets) batches"
         )
     fisher = {name: s.div_(total_count) for name, s in sums.items()}
+    if score == "gradient":
+        fisher = {name: s.abs_() for name, s in fisher.items()}
     bad = [n for n, s in fisher.items() if not bool(torch.isfinite(s).all())]
     if bad:
         raise TrptsValueError(
@@ -276,8 +292,10 @@ def _accumulate_per_sample(
     loss_fn: LossFn,
     chunk_size: int,
     train_mode: bool,
+    score: Score = "fisher",
 ) -> None:
-    """Add ``sum_i g_i^2`` over the samples of one batch to ``sums`` (exact, via vmap)."""
+    """Add ``sum_i g_i^2`` (``"gradient"``: ``sum_i g_i``) over the samples of one batch to
+    ``sums`` (exact, via vmap)."""
     from torch.func import functional_call, grad, vmap
 
     if not isinstance(inputs, Tensor):
@@ -298,4 +316,4 @@ def _accumulate_per_sample(
             grads = per_sample_grad(primal, inputs[start : start + chunk_size],
                                     targets[start : start + chunk_size])
             for name, g in grads.items():
-                sums[name].add_(g.float().square().sum(0))
+                sums[name].add_(g.float().sum(0) if score == "gradient" else g.float().square().sum(0))
