@@ -66,7 +66,7 @@ def make_methods(budget: float, rho: float, token_blocks: int) -> dict[str, tupl
 
     def linear(model, data, lr, seed, tokens=False):
         if tokens:  # placed where the Fisher selection is sparsest, but only the head trains
-            fisher = trpts.compute_fisher(model, list(task.batches(*data)), progress=False)
+            fisher = trpts.compute_fisher(model, list(task.batches(*data)), num_batches=None, progress=False)
             selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=1)  # eq. 4
             trpts.wrap_vit(model, selection, rho=rho, num_layers=token_blocks)
         _only(model, lambda n, p: n.startswith("head."))
@@ -95,7 +95,7 @@ def make_methods(budget: float, rho: float, token_blocks: int) -> dict[str, tupl
         return model, torch.optim.AdamW(handle.param_groups(weight_decay=0.0, lr=lr)), handle.num_trainable
 
     def tr_pts(model, data, lr, seed, placement=None):
-        fisher = trpts.compute_fisher(model, list(task.batches(*data)), progress=False)
+        fisher = trpts.compute_fisher(model, list(task.batches(*data)), num_batches=None, progress=False)
         selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=1)  # eq. 4
         handle = trpts.apply_masks(model, selection)
         if placement is not None:

@@ -43,8 +43,8 @@ def fisher_vs_backward(model_name: str, img: int, batch: int, batches: int, repe
         model.zero_grad(set_to_none=True)
 
     runs = {"forward+backward (baseline)": plain,
-            "compute_fisher (microbatch)": lambda: trpts.compute_fisher(model, data, progress=False),
-            "compute_fisher (per_sample)": lambda: trpts.compute_fisher(model, data, per_sample=True,
+            "compute_fisher (microbatch)": lambda: trpts.compute_fisher(model, data, num_batches=None, progress=False),
+            "compute_fisher (per_sample)": lambda: trpts.compute_fisher(model, data, num_batches=None, per_sample=True,
                                                                         chunk_size=batch, progress=False)}
     results = {}
     for name, fn in tqdm(runs.items(), desc="fisher", disable=not progress, leave=False):

@@ -134,7 +134,7 @@ def _selection_file(model_name: str, img: int, num_classes: int, budget: float, 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, img, img, generator=g), torch.randint(0, num_classes, (4,), generator=g))
                for _ in range(2)]
-    fisher = trpts.compute_fisher(model, batches, progress=False)
+    fisher = trpts.compute_fisher(model, batches, num_batches=None, progress=False)
     selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=1)
     path = tmp / f"{model_name}.pt"
     torch.save({"tensors": selection.to_tensors(), "config": json.dumps(selection.to_config())}, path)

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     selections = {}
     for name, (images, labels, classes) in tasks.items():
         model = task.target_model(source, classes, args.seed)
-        fisher = trpts.compute_fisher(model, list(task.batches(images, labels)), progress=args.progress)
+        fisher = trpts.compute_fisher(model, list(task.batches(images, labels)), num_batches=None,
+                                       progress=args.progress)
         selections[name] = trpts.allocate_connections(fisher, budget=args.budget, model=model,
                                                       share_power=1)  # the paper's eq. 4, as its figures
     out = args.out_dir

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for with_tokens in (False, True):
         model = task.target_model(source, task.NUM_POSITIONS, args.seed)
         t0 = time.perf_counter()
-        fisher = trpts.compute_fisher(model, list(task.batches(x, y)), progress=args.progress)
+        fisher = trpts.compute_fisher(model, list(task.batches(x, y)), num_batches=None, progress=args.progress)
         selection = trpts.allocate_connections(fisher, budget=args.budget, model=model)
         handle = trpts.apply_masks(model, selection)
         if with_tokens:

@@ -241,3 +241,18 @@ def test_gradient_score_is_the_magnitude_of_the_mean_gradient(timm_vit):
         assert micro[n].dtype == torch.float32 and not torch.equal(micro[n], fisher[n])
     with pytest.raises(trpts.TrptsValueError, match="score must be"):
         trpts.compute_fisher(timm_vit, batches, score="hessian", progress=False)
+
+
+def test_default_reads_a_few_batches_and_none_reads_all(timm_vit):
+    drawn = []
+
+    def loader(n):
+        for i, batch in enumerate(make_batches(n_batches=n, batch_size=2, seed=5)):
+            drawn.append(i)
+            yield batch
+
+    trpts.compute_fisher(timm_vit, loader(20), progress=False)
+    assert len(drawn) == 16  # not a whole epoch
+    drawn.clear()
+    trpts.compute_fisher(timm_vit, loader(20), num_batches=None, progress=False)
+    assert len(drawn) == 20

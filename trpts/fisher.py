@@ -25,6 +25,8 @@ __all__ = ["compute_fisher", "default_scored_parameters"]
 LossFn = Callable[[Any, Tensor], Tensor]
 ParamSelector = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
 Score = Literal["fisher", "gradient"]
+#: ``compute_fisher``'s default number of batches (see ``benchmarks/fisher_batches.py``).
+DEFAULT_BATCHES = 16
 
 _VMAP_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
@@ -94,7 +96,7 @@ def compute_fisher(
     data: Iterable[Any],
     *,
     loss_fn: LossFn | None = None,
-    num_batches: int | None = None,
+    num_batches: int | None = DEFAULT_BATCHES,
     per_sample: bool = False,
     params: ParamSelector = None,
     train_mode: bool = False,
@@ -114,7 +116,10 @@ def compute_fisher(
             ``output`` is what the model returns, unchanged (a tensor, a Hugging Face
             ``ModelOutput`` such as a bare ``Dinov2Model``'s, a tuple). Default: cross-entropy
             on the logits (the output itself, its ``.logits``, or its first element).
-        num_batches: stop after this many batches (default: the whole iterable).
+        num_batches: read at most this many batches (default 16: a few batches, not a training
+            epoch; on the real-backbone benchmark 16 batches of 32 images select 84 % of the
+            entries that all 800 training images select, 8 batches 73 %, see
+            ``benchmarks/fisher_batches.py``); ``None``: the whole iterable.
         per_sample: exact mode; squares each sample's gradient (``torch.func.vmap``,
             ``chunk_size`` samples at a time). Default: the microbatch estimate, which
             squares each batch's mean gradient ``g_b`` and weights it by the batch size
