@@ -15,13 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from ._hf_config import (
-    config_head_metadata,
-    config_identity,
-    config_labels,
-    set_config_head_metadata,
-    task_head_metadata,
-)
+from ._hf_config import HFConfigMixin
 from .base import ModelAdapter, TokenAdapter, has_parameters
 from .hf_vit import HFViTAdapter
 
@@ -39,7 +33,7 @@ def refuse_masks(attention_mask: Tensor | None, kwargs: Mapping[str, Any]) -> No
                               "attention_mask")
 
 
-class HFVisionAdapter(ModelAdapter):
+class HFVisionAdapter(HFConfigMixin, ModelAdapter):
     """Base of the Hugging Face vision adapters; subclasses set the class variables below and
     implement :meth:`patch_embedding`. Families with token selection use
     :class:`HFVisionTokenAdapter`."""
@@ -51,8 +45,6 @@ class HFVisionAdapter(ModelAdapter):
     _BACKBONES: ClassVar[tuple[str, ...]] = ()
     #: Attribute names of the classification head(s) on task models.
     _HEADS: ClassVar[tuple[str, ...]] = ("classifier",)
-    #: Tokens before the patches (families without token selection; the others say it themselves).
-    _PREFIX_TOKENS: ClassVar[int] = 1
     def matches(self, model: nn.Module) -> bool:
         return type(model).__module__.startswith("transformers.") and type(model).__name__ in self._CLASSES
 
@@ -75,22 +67,6 @@ class HFVisionAdapter(ModelAdapter):
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         return [getattr(model, name) for name in self._HEADS if has_parameters(getattr(model, name, None))]
-
-    def identity(self, model: nn.Module) -> dict[str, Any]:
-        prefix = self.num_prefix_tokens(model) if isinstance(self, TokenAdapter) else self._PREFIX_TOKENS
-        return {**super().identity(model), **config_identity(model, prefix)}
-
-    def labels(self, model: nn.Module) -> list[str] | None:
-        return config_labels(model)
-
-    def head_metadata(self, model: nn.Module) -> dict[str, Any]:
-        return config_head_metadata(model)
-
-    def set_head_metadata(self, model: nn.Module, metadata: dict[str, Any]) -> None:
-        set_config_head_metadata(model, metadata)
-
-    def task_head_metadata(self, num_classes: int, labels: list[str] | None) -> dict[str, Any]:
-        return task_head_metadata(num_classes, labels)
 
 
 

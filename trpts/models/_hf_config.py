@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
+
+from .base import ModelAdapter, TokenAdapter
 
 
 def config_identity(model: nn.Module, prefix_tokens: int) -> dict[str, Any]:
@@ -47,3 +49,27 @@ def task_head_metadata(num_classes: int, labels: list[str] | None) -> dict[str, 
     """The config metadata of a head with ``num_classes`` outputs named ``labels``."""
     names = labels or [f"LABEL_{i}" for i in range(num_classes)]
     return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+class HFConfigMixin(ModelAdapter):
+    """What a Hugging Face model's config says about its architecture and head, for the
+    adapters of Hugging Face families (put it first among the bases)."""
+
+    #: Tokens before the patches for families without token selection (the others say it).
+    _PREFIX_TOKENS: ClassVar[int] = 1
+
+    def identity(self, model: nn.Module) -> dict[str, Any]:
+        prefix = self.num_prefix_tokens(model) if isinstance(self, TokenAdapter) else self._PREFIX_TOKENS
+        return {**super().identity(model), **config_identity(model, prefix)}
+
+    def labels(self, model: nn.Module) -> list[str] | None:
+        return config_labels(model)
+
+    def head_metadata(self, model: nn.Module) -> dict[str, Any]:
+        return config_head_metadata(model)
+
+    def set_head_metadata(self, model: nn.Module, metadata: dict[str, Any]) -> None:
+        set_config_head_metadata(model, metadata)
+
+    def task_head_metadata(self, num_classes: int, labels: list[str] | None) -> dict[str, Any]:
+        return task_head_metadata(num_classes, labels)

@@ -10,13 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import TrptsValueError
-from ._hf_config import (
-    config_head_metadata,
-    config_identity,
-    config_labels,
-    set_config_head_metadata,
-    task_head_metadata,
-)
+from ._hf_config import HFConfigMixin
 from .base import BlockForward, TokenAdapter, has_parameters
 
 
@@ -36,7 +30,7 @@ def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_ma
     return hidden_states + residual
 
 
-class HFViTAdapter(TokenAdapter):
+class HFViTAdapter(HFConfigMixin, TokenAdapter):
     family = "hf-vit"
     description = "Hugging Face ViTModel / ViTForImageClassification (transformers >= 5.9)"
     block_name_pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -87,20 +81,6 @@ class HFViTAdapter(TokenAdapter):
     def reducing_forward(self, block: nn.Module) -> BlockForward:
         return _reducing_layer_forward
 
-    def identity(self, model: nn.Module) -> dict[str, Any]:
-        return {**super().identity(model), **config_identity(model, 1)}
-
-    def labels(self, model: nn.Module) -> list[str] | None:
-        return config_labels(model)
-
-    def head_metadata(self, model: nn.Module) -> dict[str, Any]:
-        return config_head_metadata(model)
-
-    def set_head_metadata(self, model: nn.Module, metadata: dict[str, Any]) -> None:
-        set_config_head_metadata(model, metadata)
-
-    def task_head_metadata(self, num_classes: int, labels: list[str] | None) -> dict[str, Any]:
-        return task_head_metadata(num_classes, labels)
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         head = getattr(model, "classifier", None)
