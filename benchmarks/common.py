@@ -55,7 +55,7 @@ def machine() -> str:
 def table(rows: list[dict[str, object]]) -> str:
     """A plain-text table (also valid Markdown) of dict rows."""
     cols = list(rows[0])
-    cells = [[str(r[c]) for c in cols] for r in rows]
+    cells = [[str(r[c]).replace("|", "\\|") for c in cols] for r in rows]  # a "|" in a cell is text
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
