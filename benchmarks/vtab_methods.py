@@ -101,6 +101,8 @@ METHODS: dict[str, Method] = {
                                                                        budget=0.0039),
     # the default with GPS's scores (|mean gradient|, compute_fisher(score="gradient")) instead of Fisher
     "share_power 0: |gradient| scores + tokens": _p0_ablation(placement="sparse", score="gradient"),
+    # GPS-style without the masked layers' biases: its entries alone (the default's count)
+    "GPS-style, no biases": Method("gps", (), {"no_biases": True}, "GPS-style", every_task=True),
 }
 
 
@@ -293,7 +295,7 @@ def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer 
         return model, torch.optim.AdamW(groups, weight_decay=0.0), _count(model), info
     if kind == "gps":
         selection = gps_selection(model, fisher_batches(model, run), s.budget)
-        handle = trpts.apply_masks(model, selection, train_biases=True, storage="sparse")
+        handle = trpts.apply_masks(model, selection, train_biases=not opts.get("no_biases"), storage="sparse")
     else:
         selection = trpts_selection(model, run)
         handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse")

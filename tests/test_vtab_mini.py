@@ -198,11 +198,13 @@ def test_quick_run_of_every_ablation(tmp_path):
     ablations = [m for m, method in vm.METHODS.items() if method.base]
     results = tmp_path / "r.jsonl"
     done = _run("--quick", "--no-progress", "--tasks", "digits", "count", "--results", str(results),
-                "--cache-dir", str(tmp_path / "cache"), "--methods", "linear probe", vm.PT, vm.P0, *ablations)
+                "--cache-dir", str(tmp_path / "cache"), "--methods", "linear probe", vm.PT, vm.P0, "GPS-style",
+                *ablations)
     assert done.returncode == 0, done.stderr[-3000:]
     all_rows = list(map(json.loads, results.read_text().splitlines()))
     rows = {r["method"]: r for r in all_rows if r["task"] == "digits"}
-    assert set(rows) == {"linear probe", vm.PT, vm.P0, *ablations}
+    assert set(rows) == {"linear probe", vm.PT, vm.P0, "GPS-style", *ablations}
+    assert rows["GPS-style, no biases"]["trained"] < rows["GPS-style"]["trained"]
     for m in ablations:  # at the base's rate; on the grid task, or on every task
         method = vm.METHODS[m]
         assert rows[m]["lr"] == rows[method.base]["lr"]
