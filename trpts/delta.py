@@ -393,7 +393,7 @@ def _check_identity(stored: dict[str, Any] | None, here: dict[str, Any], path: P
     if differ:
         what = ", ".join(f"{k} {a} in the delta but {b} here" for k, (a, b) in differ.items())
         raise TrptsValueError(
-            f"{path} was trained on another architecture ({stored.get('architecture')}: {what}; this model: "
+            f"{path} was trained on a different architecture ({stored.get('architecture')}: {what}; this model: "
             f"{here.get('architecture')}). Load it onto the model it was trained on, or pass "
             "ignore_architecture=True if you know the delta fits"
         )
