@@ -82,10 +82,8 @@ class MaskHandle:
         model = self._model_ref()
         assert model is not None
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
-        with torch.no_grad():
-            self._initial = {n: p.detach().reshape(-1)[self.selection.flat_indices(n).to(p.device)].clone()
-                             for n, p in self.masked.items()}
-            self._initial_full = {n: p.detach().clone() for n, p in self.full.items()}
+        self._initial = {n: self._read_selected(n) for n in self.masked}  # storage not attached yet
+        self._initial_full = {n: p.detach().clone() for n, p in self.full.items()}
         self._active = True
         try:
             self._attach()
