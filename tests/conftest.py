@@ -11,6 +11,11 @@ from hypothesis import settings
 settings.register_profile("trpts", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "trpts"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU, Triton's interpreter runs the CUDA sparse-gradient kernel on the CPU
+# (tests/test_triton.py). It must be chosen before triton is first imported (timm and peft
+# import it), so here; CPU code paths do not use Triton otherwise.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 IMG = 16
 NUM_CLASSES = 5

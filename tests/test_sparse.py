@@ -153,8 +153,8 @@ def test_native_kernel_is_cached_per_source(monkeypatch, tmp_path):
 
 
 def test_bad_kernel_name():
-    with pytest.raises(ValueError, match="'auto', 'native', 'compiled' or 'eager'"):
-        sp.set_sparse_kernel("triton")
+    with pytest.raises(ValueError, match="'auto', 'native', 'triton', 'compiled' or 'eager'"):
+        sp.set_sparse_kernel("cuda")
 
 
 # Run in a fresh interpreter: TRPTS_SPARSE_KERNEL is read when trpts is imported.
@@ -195,7 +195,7 @@ def test_bad_kernel_env_fails_at_first_use_not_at_import(tmp_path):
     for key in ("grad", "query"):
         kind, message, is_value_error = out[key]
         assert kind == "TrptsValueError" and is_value_error, out
-        for part in ("TRPTS_SPARSE_KERNEL", "'bogus'", "'auto'", "'native'", "'compiled'", "'eager'", "unset"):
+        for part in ("TRPTS_SPARSE_KERNEL", "'bogus'", "'auto'", "'native'", "'triton'", "'compiled'", "'eager'", "unset"):
             assert part in message, (part, message)
     assert out["after_set"] == ["ok", "eager"]
     assert out["grad_after_set"] == ["ok", True]
