@@ -37,13 +37,15 @@ class Method:
     learning rates tried on validation (head-only methods: the head's), ``options`` the
     TR-PTS / GPS settings that differ from the run's defaults. An ablation has no grid: it
     runs at the rate chosen for its ``base`` method, so it changes one thing only; on the grid
-    tasks, or on every task when ``every_task``."""
+    tasks, or on every task when ``every_task``. ``lr`` fixes the backbone rate instead (a
+    row that tests one rate on every task, outside the validation protocol)."""
 
     kind: str  # head | full | bitfit | lora | gps | trpts | tokens
     grid: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
     every_task: bool = False
+    lr: float | None = None
 
     @property
     def head_only(self) -> bool:
@@ -103,6 +105,10 @@ METHODS: dict[str, Method] = {
     "share_power 0: |gradient| scores + tokens": _p0_ablation(placement="sparse", score="gradient"),
     # GPS-style without the masked layers' biases: its entries alone (the default's count)
     "GPS-style, no biases": Method("gps", (), {"no_biases": True}, "GPS-style", every_task=True),
+    # the default at GPS-style's rate on every task: is the learning rate the rest of the gap?
+    "share_power 0 + tokens at lr 1e-3 (GPS-style's rate)": Method("trpts", (), {"placement": "sparse",
+                                                                                "share_power": 0.0},
+                                                                   P0, every_task=True, lr=1e-3),
 }
 
 

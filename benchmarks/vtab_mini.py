@@ -194,7 +194,10 @@ def search(rows: list[dict[str, Any]], method: str, args: argparse.Namespace,
 
 
 def rate(rows: list[dict[str, Any]], method: str, args: argparse.Namespace, head_lr: float | None) -> float | None:
-    """The learning rate ``method`` runs its seeds at: its own grid's choice, or its base's."""
+    """The learning rate ``method`` runs its seeds at: its fixed rate, its own grid's choice, or
+    its base's."""
+    if vm.METHODS[method].lr is not None:
+        return vm.METHODS[method].lr
     source = vm.METHODS[method].base or method
     return search(rows, source, args, None if vm.METHODS[source].head_only else head_lr)[1]
 
@@ -370,7 +373,8 @@ def grid_table(res: Results, methods: list[str]) -> str:
             cells.append(f"{lr:g}: " + (f"**{cell}**" if lr == best else cell))
         head = "= lr" if vm.METHODS[m].head_only else (f"{res.head_lr:g}" if res.head_lr else "-")
         if vm.METHODS[m].base:
-            cells = [f"the rate of {vm.METHODS[m].base}"]
+            cells = [f"the rate of {vm.METHODS[m].base}" if vm.METHODS[m].lr is None else
+                     f"fixed at {vm.METHODS[m].lr:g} (not chosen on validation)"]
         rows.append({"method": m, "head lr": head, "validation accuracy (%) at lr": ", ".join(cells)})
     return table(rows)
 
