@@ -176,3 +176,10 @@ def test_sparse_storage_on_cuda_kernels_agree_and_trajectory_matches_hooks():
     for name in h2.masked:
         torch.testing.assert_close(h2.selected_values(name), h1.selected_values(name), rtol=1e-4, atol=1e-5)
         assert sparse_model.get_parameter(name).grad is None
+
+
+
+def test_sparse_storage_whole_path_on_cuda_bf16(tmp_path):
+    from sparse_checks import check_whole_sparse_path
+
+    check_whole_sparse_path(torch.device("cuda"), tmp_path, compile_too=True)

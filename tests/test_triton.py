@@ -154,3 +154,14 @@ def test_interpreter_chosen_after_triton_was_imported_gets_a_clear_error():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "set after triton was imported" in done.stdout and "before the first import" in done.stdout
+
+
+def test_whole_sparse_path_with_the_triton_kernel_in_bf16(tmp_path):
+    """bf16 autocast, gradient accumulation, deltas: the CUDA test's checks, interpreted."""
+    from sparse_checks import check_whole_sparse_path
+
+    sp.set_sparse_kernel("triton")
+    try:
+        check_whole_sparse_path(torch.device("cpu"), tmp_path, compile_too=False, depth=2)
+    finally:
+        sp.set_sparse_kernel("auto")
