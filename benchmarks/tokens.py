@@ -3,7 +3,9 @@
 For each model and each (rho, number of reducing blocks): inference throughput (batch 32),
 latency (batch 1) and a training step (forward + backward) of the wrapped model against the
 dense one, in one process, both on the same attention kernel (SDPA). Dense and wrapped runs
-alternate round by round; the table gives medians of the per-round ratios.
+alternate round by round; the table gives medians of the per-round ratios. ``--compile MODE``
+runs both through ``torch.compile(mode=MODE, fullgraph=True)`` (one graph per input shape),
+the documented way to remove the reducing blocks' per-kernel launch overhead.
 The goal: measured speed-up >= 0.9 x the speed-up the FLOP ratio predicts.
 
 Usage::
@@ -11,12 +13,15 @@ Usage::
     python benchmarks/tokens.py                      # vit_small + vit_base, full grid (GPU-sized)
     python benchmarks/tokens.py --models vit_small_patch16_224 --rhos 0.7 0.5 --blocks 1 3
     python benchmarks/tokens.py --quick              # seconds; run by the test suite
+    python benchmarks/tokens.py --bf16 --batch 256 --train-batch 64 --models vit_base_patch16_224 \
+        --compile max-autotune                       # the issue #15 goal on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -47,38 +52,49 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
     amp = torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     layers = {1: [1], 2: [1, 2], 3: [1, 2, 3]} if args.quick else LAYERS
 
-    def run_infer(x: torch.Tensor) -> None:
-        with torch.inference_mode(), amp:
-            model(x)
+    def compiled(m: torch.nn.Module) -> torch.nn.Module:
+        if args.compile == "none":
+            return m
+        # every model instance x input shape x train/eval is its own graph of the same forward
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        return torch.compile(m, mode=None if args.compile == "default" else args.compile, fullgraph=True,
+                             dynamic=False)
 
-    def run_train() -> None:
-        model.zero_grad(set_to_none=True)
-        with amp:
-            loss = F.cross_entropy(model(x_tr), y_tr)
-        loss.backward()
+    def one_round(m: torch.nn.Module, run: torch.nn.Module) -> dict[str, float]:
+        """``m``: the module (train/eval, grads), ``run``: what is called (``m`` or compiled)."""
 
-    def one_round() -> dict[str, float]:
-        model.eval()
-        tp, lat = timed(lambda: run_infer(x_tp)), timed(lambda: run_infer(x_lat))
-        model.train()
-        return {"tp": tp, "lat": lat, "train": timed(run_train)}
+        def infer(x: torch.Tensor) -> None:
+            with torch.inference_mode(), amp:
+                run(x)
+
+        def train() -> None:
+            m.zero_grad(set_to_none=True)
+            with amp:
+                loss = F.cross_entropy(run(x_tr), y_tr)
+            loss.backward()
+
+        m.eval()
+        tp, lat = timed(lambda: infer(x_tp)), timed(lambda: infer(x_lat))
+        m.train()
+        return {"tp": tp, "lat": lat, "train": timed(train)}
 
     dense_flops = trpts.count_flops(model, (1, 3, img, img))
     dense_tokens = trpts.token_counts(model, (3, img, img))[-1][1]
+    dense_run = compiled(model)
+    one_round(model, dense_run)  # warm-up (and compilation) of the dense model
     rows, dense_all = [], []
     for rho in args.rhos:
         for n_blocks in args.blocks:
-            trpts.wrap_vit(model, rho=rho, layers=layers[n_blocks])
-            flops = trpts.count_flops(model, (1, 3, img, img))
-            tokens = trpts.token_counts(model, (3, img, img))[-1][1]
-            one_round()  # warm-up of the wrapped shapes
-            trpts.unwrap_vit(model)
+            wrapped_model = trpts.wrap_vit(copy.deepcopy(model), rho=rho, layers=layers[n_blocks])
+            flops = trpts.count_flops(wrapped_model, (1, 3, img, img))
+            tokens = trpts.token_counts(wrapped_model, (3, img, img))[-1][1]
+            wrapped_run = compiled(wrapped_model)
+            one_round(wrapped_model, wrapped_run)  # warm-up (and compilation) of the wrapped shapes
             dense, wrapped = [], []
             for _ in range(args.repeats):
-                dense.append(one_round())
-                trpts.wrap_vit(model, rho=rho, layers=layers[n_blocks])
-                wrapped.append(one_round())
-                trpts.unwrap_vit(model)
+                dense.append(one_round(model, dense_run))
+                wrapped.append(one_round(wrapped_model, wrapped_run))
+            del wrapped_model, wrapped_run
             dense_all += dense
             ratio = {k: statistics.median(d[k] / w[k] for d, w in zip(dense, wrapped, strict=True))
                      for k in ("tp", "lat", "train")}
@@ -90,6 +106,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
                 "speed-up": f"{ratio['tp']:.3f}x", "speed-up / FLOP speed-up": f"{ratio['tp'] / flop_gain:.2f}",
                 "latency ms (b=1)": f"{1e3 * statistics.median(w['lat'] for w in wrapped):.1f}",
                 "latency speed-up": f"{ratio['lat']:.3f}x", "train step speed-up": f"{ratio['train']:.3f}x",
+                "train / FLOP speed-up": f"{ratio['train'] / flop_gain:.2f}",
             })
             bar.update()
     dense_row = {
@@ -98,7 +115,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
         "img/s (batch)": f"{args.batch / statistics.median(d['tp'] for d in dense_all):.1f}",
         "speed-up": "1.000x", "speed-up / FLOP speed-up": "1.00",
         "latency ms (b=1)": f"{1e3 * statistics.median(d['lat'] for d in dense_all):.1f}",
-        "latency speed-up": "1.000x", "train step speed-up": "1.000x",
+        "latency speed-up": "1.000x", "train step speed-up": "1.000x", "train / FLOP speed-up": "1.00",
     }
     return [dense_row, *rows]
 
@@ -115,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],
+                        help="torch.compile both models with this mode (fullgraph, static shapes)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for name in args.models:
             rows += bench_model(name, args, bar)
     settings = {"device": args.device, "bf16": args.bf16, "batch": args.batch, "train_batch": args.train_batch,
-                "repeats": args.repeats}
+                "repeats": args.repeats, "compile": args.compile}
     return report("trpts token-selection benchmark", "tokens.py", argv, settings, rows, args.json)
 
 

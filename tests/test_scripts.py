@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,9 +47,11 @@ def test_figures_example_writes_three_pngs(tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_tokens_benchmark_quick(tmp_path):
-    out = _run("benchmarks/tokens.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
-    assert "speed-up / FLOP speed-up" in out
+@pytest.mark.parametrize("compile_mode", ["none", "default"])
+def test_tokens_benchmark_quick(tmp_path, compile_mode):
+    out = _run("benchmarks/tokens.py", "--quick", "--no-progress", "--compile", compile_mode,
+               "--json", str(tmp_path / "r.json"))
+    assert "speed-up / FLOP speed-up" in out and "train / FLOP speed-up" in out
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["rho"] for r in rows] == ["dense", "0.5", "0.5"]
     assert rows[0]["tokens out"] == 65 and rows[1]["tokens out"] == 34

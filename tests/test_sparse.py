@@ -346,12 +346,16 @@ def test_bf16_autocast_gradients_close_to_hook_mode_and_frozen_exact():
 
 @pytest.mark.parametrize("make", [make_timm_vit, make_hf_vit], ids=["timm", "hf"])
 def test_torch_compile_matches_eager(make):
+    """Sparse storage and token selection compile as one graph (``fullgraph=True``: no graph
+    break, so no host synchronization either; what CUDA graphs need) and train as in eager."""
     eager = make()
     selection = _selection(eager)
     compiled_src = copy.deepcopy(eager)
     h1 = trpts.apply_masks(eager, selection, storage="sparse")
     h2 = trpts.apply_masks(compiled_src, selection, storage="sparse")
-    compiled = torch.compile(compiled_src, backend="aot_eager")
+    for m in (eager, compiled_src):
+        trpts.wrap_vit(m, selection, rho=0.5, layers=[0, 1])
+    compiled = torch.compile(compiled_src, backend="aot_eager", fullgraph=True)
     batches = make_batches(2, 4, seed=7)
     _train(eager, h1, batches)
     _train(compiled, h2, batches)
