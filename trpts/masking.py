@@ -238,8 +238,9 @@ class MaskHandle:
         ``head_lr``: the classification head's parameters (the adapter's head that this handle
         trains fully) move to their own groups with ``lr=head_lr``: ``"head"`` (its weight,
         ``weight_decay``) and ``"head_no_decay"`` (its bias), after the others. Under Adam a
-        new head wants ~10-100x the learning rate of pretrained entries, e.g.
-        ``param_groups(lr=1e-4, head_lr=1e-2)``. ``None`` (default): no head groups.
+        new head wants ~10x the learning rate of pretrained entries: with AdamW,
+        ``param_groups(lr=1e-3, head_lr=1e-2)`` was best on a real ViT-S (docs/faq.md).
+        ``None`` (default): no head groups.
         """
         return self._groups(("masked", list(self.masked.values()), 0.0), weight_decay, head_lr, options)
 
