@@ -10,7 +10,10 @@ the same run.
 Methods: full fine-tuning; linear probe (head only: a floor); LoRA through ``peft`` (r = 8 on
 ``qkv``, head trained); TR-PTS parameters (``apply_masks``, budget 1 %) in the default hook
 storage and in ``storage="sparse"``; each also with tokens (``wrap_vit``, rho = 0.7 in 3
-blocks). The TR-PTS
+blocks); the sparse fine-tuning peers in ``peft`` on the blocks' four linear layers, sized to
+the TR-PTS selection's count: SHiRA (``r * (in + out)`` random entries per layer, r chosen so
+the total is closest to the selection's) and Super-Tuning (largest-magnitude entries at
+``sparsity = 1 - count / weights``). ``--bf16`` runs every step under bf16 autocast. The TR-PTS
 selection comes from ``compute_fisher`` on random data in the parent process, so the Fisher
 pass does not count towards a worker's peak memory.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -41,14 +45,37 @@ from tqdm.auto import tqdm
 
 import trpts
 
-METHODS = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "TR-PTS params (hooks)",
-           "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)", "TR-PTS params + tokens (sparse)"]
+METHODS = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "SHiRA (peft)", "Super-Tuning (peft)",
+           "TR-PTS params (hooks)", "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)",
+           "TR-PTS params + tokens (sparse)"]
+BLOCK_LINEARS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"  # the peers' target modules
 NOTES = {
     "TR-PTS params (hooks)": "dense weight gradients, then masked: no saving expected",
     "TR-PTS params + tokens (hooks)": "savings come from fewer tokens only",
     "TR-PTS params (sparse)": "no dense weight gradient, O(k) optimizer state",
     "TR-PTS params + tokens (sparse)": "",
+    "SHiRA (peft)": "r sized to the TR-PTS count",
+    "Super-Tuning (peft)": "sparsity sized to the TR-PTS count",
 }
+
+
+def _load_selection(path: str) -> trpts.Selection:
+    blob = torch.load(path, weights_only=True)
+    return trpts.Selection.from_tensors(blob["tensors"], json.loads(blob["config"]))
+
+
+def _peer(model: torch.nn.Module, method: str, count: int) -> torch.nn.Module:
+    """SHiRA or Super-Tuning through ``peft`` on the blocks' linear layers, ``count`` entries."""
+    import peft
+
+    linears = [m for n, m in model.named_modules() if re.fullmatch(BLOCK_LINEARS, n)]
+    if method.startswith("SHiRA"):
+        r = max(1, round(count / sum(m.in_features + m.out_features for m in linears)))
+        config = peft.ShiraConfig(r=r, target_modules=BLOCK_LINEARS, modules_to_save=["head"], random_seed=0)
+    else:
+        sparsity = 1 - count / sum(m.weight.numel() for m in linears)
+        config = peft.SupertuningConfig(sparsity=sparsity, target_modules=BLOCK_LINEARS, modules_to_save=["head"])
+    return peft.get_peft_model(model, config)
 
 
 def _status_mib(field: str) -> float:
@@ -90,9 +117,10 @@ def worker(args: argparse.Namespace) -> None:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+    elif method.endswith("(peft)"):
+        model = _peer(model, method, _load_selection(args.selection).num_selected)
     elif method.startswith("TR-PTS"):
-        blob = torch.load(args.selection, weights_only=True)
-        selection = trpts.Selection.from_tensors(blob["tensors"], json.loads(blob["config"]))
+        selection = _load_selection(args.selection)
         handle = trpts.apply_masks(model, selection, storage="sparse" if "sparse" in method else "hooks")
         if "tokens" in method:
             trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
@@ -111,7 +139,9 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -157,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--token-blocks", type=int, default=3)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every step")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -183,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                "--selection", str(selection), "--img", str(args.img), "--batch", str(batch),
                                "--steps", str(args.steps), "--warmup", str(args.warmup), "--rho", str(args.rho),
                                "--token-blocks", str(args.token_blocks), "--num-classes", str(args.num_classes),
-                               "--device", args.device]
+                               "--device", args.device, *(["--bf16"] if args.bf16 else [])]
                         done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
                         if done.returncode != 0:
                             raise RuntimeError(f"worker {model_name} / {method} failed:\n{done.stderr}")
@@ -203,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                  "memory vs LoRA": f"{mem / lora[1]:.2f}x" if lora else "",
                                  "note": NOTES.get(method, "")})
         bar.close()
-    settings = {"device": args.device, "img": args.img, "optimizer": "AdamW",
+    settings = {"device": args.device, "bf16": args.bf16, "img": args.img, "optimizer": "AdamW",
                 "steps": args.steps, "rounds": args.rounds, "budget": args.budget,
                 "tokens": f"rho {args.rho} in {args.token_blocks} blocks"}
     return report("Training step cost", "training.py", argv, settings, rows, args.json)
