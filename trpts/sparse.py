@@ -146,20 +146,17 @@ def sparse_weight_grad(x: Tensor, grad_out: Tensor, index: Tensor) -> Tensor:
     compiling = torch.compiler.is_compiling()  # inside the user's torch.compile: trace plain ops
     kind = get_sparse_kernel()
     cpu = x.device.type == "cpu"
-    if not compiling and (kind == "triton" or (kind == "auto" and not cpu and "triton" not in _broken)):
+    hand_written = (("triton", triton_sddmm, TritonKernelUnavailable, kind == "triton" or (kind == "auto" and not cpu)),
+                    ("native", native_sddmm, NativeKernelUnavailable, cpu and kind in ("auto", "native")))
+    for name, kernel, unavailable, wanted in hand_written:
+        if compiling or not wanted or (kind == "auto" and name in _broken):
+            continue
         try:
-            return triton_sddmm(x, grad_out, index)
-        except TritonKernelUnavailable as err:
-            if kind == "triton":
+            return kernel(x, grad_out, index)
+        except unavailable as err:
+            if kind == name:
                 raise
-            _fallback("triton", err)
-    if not compiling and cpu and kind in ("auto", "native") and not (kind == "auto" and "native" in _broken):
-        try:
-            return native_sddmm(x, grad_out, index)
-        except NativeKernelUnavailable as err:
-            if kind == "native":
-                raise
-            _fallback("native", err)
+            _fallback(name, err)
     xt = x.t().float().contiguous()  # [in, T]: each gathered row is contiguous
     gt = grad_out.t().float().contiguous()  # [out, T]
     if not compiling and kind != "eager" and not (kind != "compiled" and "compiled" in _broken):
