@@ -205,9 +205,9 @@ def test_quick_run_of_every_ablation(tmp_path):
     rows = {r["method"]: r for r in all_rows if r["task"] == "digits"}
     assert set(rows) == {"linear probe", vm.PT, vm.P0, "GPS-style", *ablations}
     assert rows["GPS-style, no biases"]["trained"] < rows["GPS-style"]["trained"]
-    for m in ablations:  # at the base's rate; on the grid task, or on every task
+    for m in ablations:  # at the base's rate (or its own fixed one); on the grid task, or on every task
         method = vm.METHODS[m]
-        assert rows[m]["lr"] == rows[method.base]["lr"]
+        assert rows[m]["lr"] == (method.lr if method.lr is not None else rows[method.base]["lr"])
         assert {r["task"] for r in all_rows if r["method"] == m} == ({"digits", "count"} if method.every_task
                                                                       else {"digits"})
     trained = {m: rows[m]["trained"] for m in rows}
