@@ -1,11 +1,9 @@
 """timm VisionTransformers that do not read the [CLS] token (``global_pool='avg'``, ``'max'``,
 ``'avgmax'``, ``''`` (the head on every token), and SigLIP-style ``global_pool='map'`` with an
-attention-pool head) go through the timm-vit adapter: parameter selection, both storages, deltas;
-token selection is refused with the reason."""
+attention-pool head) go through the timm-vit adapter: parameter selection, both storages, deltas.
+Token selection on them is tested in test_tokens_pooling.py."""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -46,18 +44,6 @@ def test_pooled_vits_score_the_blocks_and_train_the_head():
                              if isinstance(m, nn.Linear)]  # the pretrained attention pool is scored
 
 
-@pytest.mark.parametrize("make, reason", [(make_avg, "global_pool='avg'"), (make_siglip, "no class token"),
-                                          (lambda: make_timm_vit(global_pool="map"), "global_pool='map'")],
-                         ids=["avg", "siglip-map", "cls-map"])
-def test_token_selection_on_pooled_vits_says_why(make, reason):
-    model = make()
-    selection = trpts.allocate_connections(trpts.compute_fisher(
-        model, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))], progress=False))
-    with pytest.raises(trpts.TrptsValueError, match=reason):
-        trpts.wrap_vit(model, selection)
-    assert all(not hasattr(b, "_trpts_tokens") for b in model.blocks)
-
-
 def _per_token_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """global_pool='': the head scores every token (``[B, N, classes]``); average the logits."""
     return F.cross_entropy(out.mean(1), targets)
@@ -77,19 +63,6 @@ def test_other_pools_train_save_and_load(pool, tmp_path):
     assert trpts.default_scored_parameters(model) == SCORED
     assert get_adapter(model).head_parameters(model) == ["head.weight", "head.bias"]
     check_family(lambda: make_timm_vit(global_pool=pool), "timm-vit", tmp_path=tmp_path, loss_fn=OTHER_POOLS[pool])
-
-
-@pytest.mark.parametrize("pool", list(OTHER_POOLS), ids=POOL_IDS)
-def test_token_selection_refuses_other_pools_naming_them(pool):
-    model = make_timm_vit(global_pool=pool)
-    selection = trpts.allocate_connections(trpts.compute_fisher(
-        model, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))], loss_fn=OTHER_POOLS[pool], progress=False))
-    # A TrptsValueError (like 'avg' and 'map' above), not an UnsupportedModelError: the family
-    # supports token selection, this model's pooling does not.
-    with pytest.raises(trpts.TrptsValueError, match=re.escape(f"global_pool={pool!r}")) as info:
-        trpts.wrap_vit(model, selection)
-    assert "global_pool='token'" in str(info.value)  # says what to use instead
-    assert all(not hasattr(b, "_trpts_tokens") for b in model.blocks)
 
 
 def test_default_loss_on_per_token_logits_is_a_clear_error():

@@ -43,3 +43,28 @@ def test_token_counts_and_savings():
     assert trpts.count_flops(model, (3, IMG, IMG)) < dense
     with pytest.raises(ValueError, match="input_size"):
         trpts.count_flops(model, (IMG, IMG))
+
+
+@pytest.mark.parametrize("kwargs", [dict(global_pool="avg"), dict(global_pool="avg", class_token=False),
+                                    dict(global_pool="map"), dict(model_name="vit_base_patch16_siglip_224"),
+                                    dict(global_pool="")], ids=["avg", "avg-no-cls", "map", "siglip", "none"])
+def test_analytic_flops_match_on_pooled_vits_for_every_score(kwargs):
+    """Attention pooling, the size-weighted mean, a head on every token and both token scores
+    are counted as FlopCounterMode counts them (measured with gradients on: the counter's module
+    tracker cannot follow AttentionPoolLatent's expanded latent under no_grad)."""
+    from conftest import make_timm_vit
+
+    model = make_timm_vit(depth=3, **kwargs).eval()
+    _explicit_attention(model)
+    size = (2, 3, IMG, IMG)
+
+    def measured():
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(*size))
+        return counter.get_total_flops()
+
+    assert trpts.count_flops(model, size) == measured()
+    for score in ("cls", "mean") if model.cls_token is not None else ("mean",):
+        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
+        assert trpts.count_flops(model, size) == measured()
+        trpts.unwrap_vit(model)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import IMG, MODEL_FACTORIES, make_batches, make_hf_vit, make_timm_vit
 from hypothesis import given
 from hypothesis import strategies as st
+from token_reference import hand_forward, loop_select_merge
 
 import trpts
 
@@ -17,24 +18,6 @@ def _logits(out):
 
 
 # ---- TokenSelectMerge against a loop implementation of eq. 9-11 ------------------------------
-
-
-def loop_select_merge(x, scores, rho, p):
-    """Eq. 9-11 one sample at a time, in float64, ties to the lower index."""
-    b, n_tokens, _ = x.shape
-    n = n_tokens - p
-    k = max(1, math.floor(rho * n))
-    if k >= n:
-        return x.double()
-    outs = []
-    for i in range(b):
-        s = scores[i].tolist()
-        ranked = sorted(range(n), key=lambda j: (-s[j], j))
-        kept, merged = sorted(ranked[:k]), ranked[k:]
-        total = sum(s[j] for j in merged)
-        merged_tok = sum(s[j] * x[i, p + j].double() for j in merged) / max(total, torch.finfo(torch.float32).tiny)
-        outs.append(torch.cat([x[i, :p].double(), x[i, [p + j for j in kept]].double(), merged_tok[None]]))
-    return torch.stack(outs)
 
 
 @given(b=st.integers(1, 3), n=st.integers(1, 12), p=st.integers(0, 3), d=st.integers(1, 5),
@@ -101,30 +84,10 @@ def test_wrapped_timm_matches_hand_written_forward(kwargs):
     x = make_batches(1, 3)[0][0]
     layers, rho = [0, 2], 0.5
     with torch.no_grad():
-        expected = _hand_forward(model, x, layers, rho)
+        expected = hand_forward(model, x, layers, rho)
         trpts.wrap_vit(model, rho=rho, layers=layers)
         out = model(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-
-
-def _hand_forward(model, x, layers, rho):
-    p = model.num_prefix_tokens
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    for i, blk in enumerate(model.blocks):
-        a = blk.attn
-        h = blk.norm1(x)
-        b, n, _ = h.shape
-        qkv = a.qkv(h).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = a.q_norm(qkv[0]), a.k_norm(qkv[1]), qkv[2]
-        attn = ((q * a.scale) @ k.transpose(-1, -2)).softmax(-1)
-        y = a.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
-        x = x + blk.ls1(y)
-        if i in layers:
-            logits = (q[:, :, :1] @ k[:, :, p:].transpose(-1, -2)) * a.scale
-            scores = logits.softmax(-1).mean(1)[:, 0]
-            x = loop_select_merge(x, scores, rho, p).float()
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-    return model.forward_head(model.norm(x))
 
 
 @pytest.mark.parametrize("family", ["timm", "hf"])
@@ -238,9 +201,13 @@ def test_bad_input_leaves_model_untouched():
         assert trpts.get_token_config(model) is None
     with pytest.raises(trpts.UnsupportedModelError, match="timm-vit"):
         trpts.wrap_vit(torch.nn.Sequential(torch.nn.Linear(2, 2)), layers=[0])
-    avg = make_timm_vit(global_pool="avg")
-    with pytest.raises(ValueError, match="global_pool='token'"):
-        trpts.wrap_vit(avg, layers=[0])
+    for pool in ("avgmax", "max"):
+        with pytest.raises(ValueError, match=r"global_pool in \['', 'avg', 'map', 'token'\]"):
+            trpts.wrap_vit(make_timm_vit(global_pool=pool), layers=[0])
+    with pytest.raises(ValueError, match="score must be 'auto' or one of"):
+        trpts.wrap_vit(model, layers=[0], score="max")
+    with pytest.raises(ValueError, match=r"score='cls' is not available.*needs a \[CLS\] token"):
+        trpts.wrap_vit(make_timm_vit(class_token=False, global_pool="avg"), layers=[0], score="cls")
     trpts.wrap_vit(model, rho=0.5, layers=[0])
     with pytest.raises(trpts.TrptsRuntimeError, match="already wrapped"):
         trpts.wrap_vit(model, rho=0.5, layers=[1])

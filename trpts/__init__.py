@@ -38,12 +38,14 @@ from .errors import (
 from .fisher import compute_fisher, default_scored_parameters
 from .flops import count_flops, token_counts
 from .masking import MaskHandle, SparseMaskHandle, apply_masks, get_mask_handle
+from .token_scores import mean_attention
 from .tokens import (
     TokenConfig,
     TokenSelectMerge,
     cls_attention,
     get_token_config,
     record_kept_tokens,
+    token_sizes,
     unwrap_vit,
     wrap_vit,
 )
@@ -93,6 +95,7 @@ __all__ = [
     "kept_patches",
     "load_delta",
     "loaded_deltas",
+    "mean_attention",
     "merge_delta",
     "plot_block_distribution",
     "plot_kept_tokens",
@@ -103,6 +106,7 @@ __all__ = [
     "save_delta",
     "selection_overlap",
     "token_counts",
+    "token_sizes",
     "unwrap_vit",
     "wrap_vit",
 ]

@@ -2,8 +2,8 @@
 
 Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts, i.e. matrix products and
 convolutions at 2 FLOPs per multiply-add: every ``nn.Linear`` (on the tokens it sees), the
-attention products ``q k^T`` and ``A v``, the patch-embedding convolution, the [CLS] scoring
-and the merge of reducing blocks, and the head. Element-wise work (norms, softmax, GELU) is
+attention products ``q k^T`` and ``A v``, the patch-embedding convolution, the token scoring
+and the merge of reducing blocks, and the head (one token in). Element-wise work (norms, softmax, GELU) is
 not counted.
 """
 
@@ -72,11 +72,10 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
     height, width = int(input_size[-2]), int(input_size[-1])
     num_patches = _patches(patch, height, width)
     flops = 2 * num_patches * patch.weight.numel()
-    inside = {id(m) for b in blocks for m in b.modules()}
-    for linear in _linears(base):  # outside the blocks: head(s), pooler, on one token each
-        if id(linear) not in inside:
-            flops += 2 * linear.in_features * linear.out_features
-    for block, (n_in, n_out) in zip(blocks, _token_counts(base, adapter, input_size), strict=True):
+    config = get_token_config(base)
+    counts = _token_counts(base, adapter, input_size)
+    flops += adapter.pool_flops(base, counts[-1][1], any(n_in != n_out for n_in, n_out in counts))
+    for block, (n_in, n_out) in zip(blocks, counts, strict=True):
         attention, mlp = adapter.attention_and_mlp(block)
         for linear in _linears(attention):
             flops += 2 * n_in * linear.in_features * linear.out_features
@@ -84,9 +83,10 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
         flops += 4 * n_in * n_in * width_qk  # q k^T and A v over all heads
         for linear in _linears(mlp):
             flops += 2 * n_out * linear.in_features * linear.out_features
-        if n_out != n_in:  # [CLS] scoring (eq. 8) and the merge (eq. 10)
+        if n_out != n_in:  # scoring (eq. 8: one query; "mean": every query) and the merge (eq. 10)
             n_patch = n_in - adapter.num_prefix_tokens(base)
             dim = _linears(mlp)[0].in_features
-            flops += 2 * n_patch * width_qk + 2 * n_patch * dim
+            queries = n_in if config.score == "mean" else 1
+            flops += 2 * queries * n_patch * width_qk + 2 * n_patch * dim
     return batch * flops
 

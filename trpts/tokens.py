@@ -1,9 +1,11 @@
 """Task-relevant token selection (paper section 3.3, eq. 7-11) and its placement in a ViT.
 
 In a reducing block, after the attention residual and before the MLP, the patch tokens that
-the [CLS] token attends to most are kept (in their original order) and all others are merged
-into one token, appended last. The reducing block's MLP and every later block then run on
-``P + k + 1`` tokens instead of ``N``.
+score highest (the [CLS] token's attention, eq. 8, or the attention a token receives from all
+queries, see :mod:`trpts.token_scores`) are kept (in their original order) and all others are
+merged into one token, appended last. The reducing block's MLP and every later block then run on
+``P + k + 1`` tokens instead of ``N``. How many patches each token stands for is carried along
+(:mod:`trpts._token_flow`), so a head that averages the patch tokens averages the patches.
 """
 
 from __future__ import annotations
@@ -21,40 +23,25 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._state import model_state, update_state
+from ._token_flow import TokenFlow
 from ._utils import unwrap_model
 from .allocation import Selection
 from .errors import TrptsRuntimeError, TrptsTypeError, TrptsValueError
 from .models import TokenAdapter, get_adapter, get_token_adapter
+from .token_scores import check_score, cls_attention, token_scores  # noqa: F401  (re-exported)
 
 __all__ = [
     "TokenConfig",
     "TokenSelectMerge",
     "apply_token_config",
-    "cls_attention",
     "get_token_config",
     "record_kept_tokens",
+    "token_sizes",
     "unwrap_vit",
     "wrap_vit",
 ]
 
 Placement = Literal["sparse", "dense", "random"]
-
-
-def cls_attention(q_cls: Tensor, k: Tensor, scale: float, num_prefix_tokens: int) -> Tensor:
-    """Eq. 8: the [CLS] query's attention over the non-prefix tokens, averaged over heads.
-
-    Args:
-        q_cls: ``(B, H, d)`` query of the [CLS] token (after any ``q_norm``).
-        k: ``(B, H, N, d)`` keys of all tokens (after any ``k_norm``).
-        scale: the block's own attention scale (usually ``d ** -0.5``).
-        num_prefix_tokens: P; the first P keys are excluded and the softmax renormalized.
-
-    Returns:
-        ``(B, N - P)`` float32 scores; each row sums to 1. O(N*d) per head.
-    """
-    with torch.autocast(q_cls.device.type, enabled=False):
-        logits = torch.einsum("bhd,bhnd->bhn", q_cls.float(), k[:, :, num_prefix_tokens:].float())
-        return (logits * scale).softmax(dim=-1).mean(dim=1)
 
 
 class TokenSelectMerge(nn.Module):
@@ -132,33 +119,39 @@ def _check_rho(rho: float) -> None:
 
 @dataclass(frozen=True)
 class TokenConfig:
-    """The token-selection configuration of a wrapped model (travels with task deltas)."""
+    """The token-selection configuration of a wrapped model (travels with task deltas).
+    ``score``: the token score the reducing blocks rank by (:mod:`trpts.token_scores`)."""
 
     layers: tuple[int, ...]
     rho: float
     num_prefix_tokens: int
     placement: str
     family: str
+    score: str = "cls"
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "rho": self.rho, "num_prefix_tokens": self.num_prefix_tokens,
-                "placement": self.placement, "family": self.family}
+                "placement": self.placement, "family": self.family, "score": self.score}
 
 
 @dataclass
 class _BlockState:
-    """Per-wrapped-block state: the reducer, the captured CLS query and keys, restore info."""
+    """Per-wrapped-block state: the reducer, the captured queries and keys, the model's token
+    flow, restore info."""
 
     reducer: TokenSelectMerge
     to_heads: Callable[[Tensor], Tensor]
     scale: float
+    score: str
+    flow: TokenFlow
     hooks: list[RemovableHandle] = field(default_factory=list)
-    q_cls: Tensor | None = None
+    q: Tensor | None = None
     k: Tensor | None = None
     record: list[Tensor] | None = None
 
     def capture_q(self, module: nn.Module, args: Any, out: Tensor) -> None:
-        self.q_cls = self.to_heads(out)[:, :, 0]
+        q = self.to_heads(out)
+        self.q = q[:, :, :1] if self.score == "cls" else q
 
     def capture_k(self, module: nn.Module, args: Any, out: Tensor) -> None:
         self.k = self.to_heads(out)
@@ -166,24 +159,26 @@ class _BlockState:
     def reduce(self, x: Tensor) -> Tensor:
         """The reducing step, called by the patched block between attention and MLP."""
         reducer = self.reducer
+        p = reducer.num_prefix_tokens
         if reducer.output_tokens(x.shape[1]) == x.shape[1]:
-            self.q_cls = self.k = None
+            self.q = self.k = None
             if self.record is not None:
-                self.record.append(torch.arange(x.shape[1] - reducer.num_prefix_tokens,
-                                                device=x.device).expand(x.shape[0], -1))
+                self.record.append(torch.arange(x.shape[1] - p, device=x.device).expand(x.shape[0], -1))
             return x
-        if self.q_cls is None or self.k is None:
+        if self.q is None or self.k is None:
             raise TrptsRuntimeError("the block's attention did not run its query/key modules; "
                                     "cannot score tokens")
-        scores = cls_attention(self.q_cls, self.k, self.scale, reducer.num_prefix_tokens)
-        self.q_cls = self.k = None
+        scores = token_scores(self.score, self.q, self.k, self.scale, p)
+        self.q = self.k = None
         out, kept = reducer(x, scores, return_indices=True)
+        self.flow.update(kept, x.shape[1] - p)
         if self.record is not None:
             self.record.append(kept)
         return out
 
 
 _STATE_ATTR = "_trpts_tokens"  # a reducing block's state, read by its patched forward
+_FLOW_ATTR = "_trpts_flow"  # the model's TokenFlow, read by patched pooling and position hooks
 
 
 def get_token_config(model: nn.Module) -> TokenConfig | None:
@@ -228,26 +223,33 @@ def wrap_vit(
     num_layers: int = 3,
     placement: Placement = "sparse",
     seed: int = 0,
+    score: str = "auto",
 ) -> nn.Module:
     """Patch ``model`` in place so chosen blocks keep their top tokens and merge the rest.
 
     Args:
-        model: a [CLS]-pooled ViT whose family adapter supports tokens: timm
-            ``VisionTransformer`` (``global_pool='token'``; DeiT distilled; register tokens;
-            LayerScale; qk_norm), Hugging Face ViT, DeiT (with teacher too), bare DINOv2 (with
-            registers too) and CLIP vision (docs/models.md); DDP / compile wrappers are looked
-            through. Other models raise :class:`~trpts.UnsupportedModelError` saying why.
+        model: a ViT whose family adapter supports tokens: timm ``VisionTransformer`` (pooled by
+            [CLS], ``'avg'``, SigLIP-style ``'map'`` or not at all; with or without a class
+            token; DeiT distilled; register tokens; LayerScale; qk_norm), Hugging Face ViT, DeiT
+            (with teacher too), bare DINOv2 (with registers too) and CLIP vision
+            (docs/models.md); DDP / compile wrappers are looked through. Other models raise
+            :class:`~trpts.UnsupportedModelError` saying why.
         selection: a :class:`~trpts.Selection` for ``placement="sparse"`` / ``"dense"``.
         rho: select rate in ``(0, 1]`` (eq. 9).
         layers: explicit reducing block indices (overrides ``num_layers``/``placement``).
         num_layers: how many reducing blocks to choose.
         placement: ``"sparse"`` (fewest selected weights, the paper's choice), ``"dense"``,
             or ``"random"`` (``seed``): the Table 5 ablation.
+        score: which tokens to keep: ``"cls"`` ([CLS] attention, eq. 8), ``"mean"`` (attention
+            received from all queries; models without a [CLS] token) or ``"auto"`` (the
+            family's default for this model, docs/tokens.md).
 
     Each reducing block runs its own attention unchanged (fused SDPA included), then scores
-    the tokens with its own [CLS] query and keys (eq. 8; only that row is recomputed) and
-    reduces them before its MLP. Works in training and inference, under autocast and
-    ``torch.compile``. ``state_dict()`` keys do not change. Undo with :func:`unwrap_vit`.
+    the tokens with its own queries and keys and reduces them before its MLP. Every token
+    carries how many patches it stands for: a head that averages the patch tokens takes the
+    size-weighted mean, an attention-pooling head adds ``log(size)`` to its logits. Works in
+    training and inference, under autocast and ``torch.compile``. ``state_dict()`` keys do not
+    change. Undo with :func:`unwrap_vit`.
 
     Returns:
         ``model`` itself.
@@ -255,11 +257,13 @@ def wrap_vit(
     if not isinstance(model, nn.Module):
         raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_rho(rho)
+    check_score(score)
     base = unwrap_model(model)
     if get_token_config(base) is not None:
         raise TrptsRuntimeError("the model is already wrapped; call trpts.unwrap_vit(model) first")
     adapter = get_token_adapter(base)
     adapter.check_token_support(base)
+    score = _resolve_score(adapter, base, score)
     blocks = list(adapter.blocks(base))
     if layers is not None:
         chosen, placement_name = _explicit_layers(layers, len(blocks)), "explicit"
@@ -268,10 +272,22 @@ def wrap_vit(
     prefix = adapter.num_prefix_tokens(base)
     for i in chosen:
         adapter.check_block(blocks[i])  # validate every block before patching any
+    flow = _install_flow(adapter, base, blocks)
     for i in chosen:
-        _patch_block(adapter, blocks[i], TokenSelectMerge(rho, prefix))
-    update_state(base, tokens=TokenConfig(tuple(chosen), float(rho), prefix, placement_name, adapter.family))
+        _patch_block(adapter, blocks[i], TokenSelectMerge(rho, prefix), score, flow)
+    update_state(base, tokens=TokenConfig(tuple(chosen), float(rho), prefix, placement_name, adapter.family, score))
     return model
+
+
+def _resolve_score(adapter: TokenAdapter, model: nn.Module, score: str) -> str:
+    """``score``, or the family's default for ``"auto"``; refuse a score the model cannot give."""
+    supported = adapter.token_scores(model)
+    if score == "auto":
+        return supported[0]
+    if score not in supported:
+        raise TrptsValueError(f"score={score!r} is not available for this model (it supports {supported}); "
+                              "'cls' needs a [CLS] token")
+    return score
 
 
 def _explicit_layers(layers: Sequence[int], depth: int) -> list[int]:
@@ -281,14 +297,37 @@ def _explicit_layers(layers: Sequence[int], depth: int) -> list[int]:
     return chosen
 
 
-def _patch_block(adapter: TokenAdapter, block: nn.Module, reducer: TokenSelectMerge) -> None:
+def _install_flow(adapter: TokenAdapter, model: nn.Module, blocks: Sequence[nn.Module]) -> TokenFlow:
+    """The model's :class:`TokenFlow`, reset when the first block starts a pass, and the family's
+    size-aware pooling and position hooks."""
+    flow = TokenFlow(track_positions=adapter.tracks_positions(model))
+    model.__dict__[_FLOW_ATTR] = flow
+    flow_hooks = [blocks[0].register_forward_pre_hook(flow.reset)]
+    flow_hooks += adapter.patch_positions(model, blocks)
+    model.__dict__["_trpts_flow_undo"] = (flow_hooks, adapter.patch_pooling(model))
+    return flow
+
+
+def _patch_block(adapter: TokenAdapter, block: nn.Module, reducer: TokenSelectMerge, score: str,
+                 flow: TokenFlow) -> None:
     """Give ``block`` its reducing forward (an instance-level patch) and the hooks that capture
     its queries and keys."""
     q_mod, k_mod, to_heads = adapter.query_key(block)
-    state = _BlockState(reducer, to_heads, adapter.attention_scale(block))
+    state = _BlockState(reducer, to_heads, adapter.attention_scale(block), score, flow)
     state.hooks = [q_mod.register_forward_hook(state.capture_q), k_mod.register_forward_hook(state.capture_k)]
     block.forward = types.MethodType(adapter.reducing_forward(block), block)
     setattr(block, _STATE_ATTR, state)
+
+
+def token_sizes(model: nn.Module) -> Tensor | None:
+    """How many original patches each non-prefix token of the last forward pass's output stands
+    for: ``(B, n)`` float32 (kept tokens first, the merged token last), or ``None`` if that pass
+    reduced nothing. For users who pool the tokens themselves (``global_pool=''``,
+    ``forward_features``): weight a mean by it (``sizes / sizes.sum(1, keepdim=True)``)."""
+    base = unwrap_model(model)
+    if get_token_config(base) is None:
+        raise TrptsRuntimeError("the model is not wrapped by trpts.wrap_vit")
+    return base.__dict__[_FLOW_ATTR].sizes
 
 
 def apply_token_config(model: nn.Module, config: TokenConfig | dict[str, Any] | None) -> nn.Module:
@@ -300,8 +339,8 @@ def apply_token_config(model: nn.Module, config: TokenConfig | dict[str, Any] | 
         return model
     config = config if isinstance(config, TokenConfig) else TokenConfig(
         tuple(config["layers"]), float(config["rho"]), int(config["num_prefix_tokens"]),
-        str(config["placement"]), str(config["family"]))
-    wrap_vit(model, rho=config.rho, layers=config.layers)
+        str(config["placement"]), str(config["family"]), str(config.get("score", "cls")))
+    wrap_vit(model, rho=config.rho, layers=config.layers, score=config.score)
     update_state(model, tokens=config)  # keep the recorded placement label
     return model
 
@@ -316,6 +355,12 @@ def unwrap_vit(model: nn.Module) -> nn.Module:
             hook.remove()
         del blocks[i].forward
         delattr(blocks[i], _STATE_ATTR)
+    flow_hooks, patched = base.__dict__.pop("_trpts_flow_undo")
+    for hook in flow_hooks:
+        hook.remove()
+    for name in patched:
+        del base.__dict__[name]
+    del base.__dict__[_FLOW_ATTR]
     update_state(base, tokens=None)
     return model
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import TrptsTypeError, TrptsValueError
 
@@ -147,6 +148,35 @@ class TokenAdapter(ModelAdapter):
         """Raise a clear trpts error if token selection cannot run on this model of the family
         (for example a pooling that would read merged tokens wrongly); the default accepts."""
         return None
+
+    def token_scores(self, model: nn.Module) -> tuple[str, ...]:
+        """The token scores (:mod:`trpts.token_scores`) this model can give, the default first:
+        ``("cls", "mean")`` by default (a [CLS]-pooled model)."""
+        return ("cls", "mean")
+
+    def tracks_positions(self, model: nn.Module) -> bool:
+        """Whether attention depends on each token's original position (RoPE, relative position
+        bias), so the token flow must carry positions. False by default."""
+        return False
+
+    def patch_positions(self, model: nn.Module, blocks: Sequence[nn.Module]) -> list[RemovableHandle]:
+        """Hooks that give every block the position information of the tokens it sees (read
+        from the model's token flow); none by default."""
+        return []
+
+    def patch_pooling(self, model: nn.Module) -> list[str]:
+        """Make the model's pooling of patch tokens size-aware (read the model's token flow);
+        returns the names of the instance attributes set (removed by ``unwrap_vit``). Nothing by
+        default: a [CLS]-pooled head never reads a merged token."""
+        return []
+
+    def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
+        """FLOPs after the blocks for one image whose last block outputs ``num_tokens`` tokens
+        (``reduced``: whether a block merged tokens in the pass), as ``FlopCounterMode`` counts
+        them: by default every ``nn.Linear`` outside the blocks on one token (a [CLS] head)."""
+        inside = {id(m) for b in self.blocks(model) for m in b.modules()}
+        return sum(2 * m.in_features * m.out_features for m in model.modules()
+                   if isinstance(m, nn.Linear) and id(m) not in inside)
 
     @abstractmethod
     def num_prefix_tokens(self, model: nn.Module) -> int:

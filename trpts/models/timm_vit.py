@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from .._token_flow import log_sizes, weighted_mean
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
 from .base import BlockForward, TokenAdapter, has_parameters, pool_linear_weights
@@ -22,9 +24,27 @@ def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None
     return x
 
 
+def _size_aware_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """timm ``VisionTransformer.pool`` over tokens that stand for several patches: ``'avg'`` is
+    the size-weighted mean, attention pooling adds ``log(size)`` to its logits."""
+    p = self.num_prefix_tokens
+    sizes, _ = self._trpts_flow.current(x.shape[0], x.shape[1] - p)
+    if sizes is None:  # nothing was merged in this pass
+        return type(self).pool(self, x, pool_type)
+    if self.attn_pool is not None:
+        return self.attn_pool(x[:, p:], attn_mask=log_sizes(sizes).to(x.dtype))
+    if (self.global_pool if pool_type is None else pool_type) == "avg":
+        return weighted_mean(x[:, p:], sizes)
+    return type(self).pool(self, x, pool_type)
+
+
+POOLS = ("token", "avg", "map", "")  # what token selection reads correctly (pool_type values)
+
+
 class TimmViTAdapter(TimmBlocksAdapter, TokenAdapter):
     family = "timm-vit"
-    description = "timm VisionTransformer (ViT, DeiT, DeiT distilled; CLS/register tokens, LayerScale, qk_norm)"
+    description = ("timm VisionTransformer (ViT, DeiT, DeiT distilled, SigLIP; CLS/register tokens, LayerScale, "
+                   "qk_norm; [CLS], avg or attention pooling)")
     _timm_class = "timm.models.vision_transformer:VisionTransformer"
 
     def scored_parameters(self, model: nn.Module) -> list[str]:
@@ -32,15 +52,43 @@ class TimmViTAdapter(TimmBlocksAdapter, TokenAdapter):
         return pool_linear_weights(model, super().scored_parameters(model))
 
     def check_token_support(self, model: nn.Module) -> None:
-        if getattr(model, "cls_token", None) is None:
-            raise TrptsValueError("token selection scores tokens by [CLS] attention (eq. 8); this timm "
-                                  "model has no class token (class_token=False)")
-        if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
+        pool = "map" if getattr(model, "attn_pool", None) is not None else model.global_pool
+        if pool not in POOLS or (pool == "map" and type(model.attn_pool).__name__ != "AttentionPoolLatent"):
             raise TrptsValueError(
-                f"token selection needs global_pool='token' (the head reads the [CLS] token); this model "
-                f"pools with global_pool={model.global_pool!r}, which reads the patch tokens, and a merged "
-                "token would count as one patch. Create the model with global_pool='token'"
+                f"token selection supports timm global_pool in {sorted(POOLS)} (attention pooling: "
+                f"AttentionPoolLatent); this model pools with global_pool={model.global_pool!r}"
+                f"{'' if pool != 'map' else f' ({type(model.attn_pool).__name__})'}, which would read a "
+                "merged token as one patch. Create the model with one of those"
             )
+
+    def token_scores(self, model: nn.Module) -> tuple[str, ...]:
+        return ("cls", "mean") if getattr(model, "cls_token", None) is not None else ("mean",)
+
+    def patch_pooling(self, model: nn.Module) -> list[str]:
+        if getattr(model, "attn_pool", None) is None and model.global_pool != "avg":
+            return []  # 'token' reads [CLS]; '' returns every token (see trpts.token_sizes)
+        model.pool = types.MethodType(_size_aware_pool, model)
+        return ["pool"]
+
+    def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
+        """Adds attention pooling (``kv`` on every patch token, the latent queries' ``q k^T`` and
+        ``A v``), the size-weighted mean of a reduced pass, or the head on every token
+        (``global_pool=''``)."""
+        flops = super().pool_flops(model, num_tokens, reduced)
+        n = num_tokens - self.num_prefix_tokens(model)
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:
+            latent = int(pool.latent_len)
+            for m in pool.modules():
+                if isinstance(m, nn.Linear):
+                    flops += 2 * ((n if m is pool.kv else latent) - 1) * m.in_features * m.out_features
+            flops += 4 * latent * n * pool.q.out_features
+        elif reduced and model.global_pool == "avg":
+            flops += 2 * n * model.embed_dim
+        elif not model.global_pool:  # the head runs on every token
+            flops += sum(2 * (num_tokens - 1) * m.in_features * m.out_features
+                         for head in self.heads(model) for m in head.modules() if isinstance(m, nn.Linear))
+        return flops
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)

@@ -1,0 +1,76 @@
+"""What the tokens of a wrapped model stand for during one forward pass.
+
+After a reducing block, a kept token stands for the patches it stood for before, and the merged
+token for all the patches of the tokens it fused. :class:`TokenFlow` carries, per sample:
+
+- ``sizes``: ``(B, n)`` float32, how many original patches each non-prefix token represents
+  (read by size-weighted mean pooling and by attention pooling, see :func:`weighted_mean` and
+  :func:`log_sizes`);
+- ``positions``: ``(B, n)`` int64, the original patch index of each non-prefix token, ``-1`` for a
+  merged token (read by families whose attention depends on position: RoPE, relative position
+  bias). Tracked only when the family asks for it.
+
+One flow per wrapped model, shared by its reducing blocks; it is reset when the first block
+starts a forward pass. ``None`` fields mean no reduction has happened yet in this pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["TokenFlow", "log_sizes", "weighted_mean"]
+
+
+@dataclass
+class TokenFlow:
+    track_positions: bool = False
+    sizes: Tensor | None = None
+    positions: Tensor | None = None
+
+    def reset(self, *_: Any) -> None:
+        """Forget the previous pass (a forward pre-hook of the first block)."""
+        self.sizes = self.positions = None
+
+    def current(self, batch: int, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """``(sizes, positions)`` for ``n`` non-prefix tokens of ``batch`` samples, or ``None``
+        where no reduction happened yet in this pass (every token is one patch at its place)."""
+        if self.sizes is None or self.sizes.shape != (batch, n):
+            return None, None
+        return self.sizes, self.positions
+
+    def update(self, kept: Tensor, n: int) -> None:
+        """Record a reduction of ``n`` non-prefix tokens to the ``kept`` ones ``(B, k)`` (ascending
+        positions among the ``n``) plus one merged token, appended last."""
+        b = kept.shape[0]
+        sizes, positions = self.current(b, n)
+        if sizes is None:
+            sizes = torch.ones(b, n, device=kept.device, dtype=torch.float32)
+        kept_sizes = sizes.gather(1, kept)
+        merged = (sizes.sum(1) - kept_sizes.sum(1)).unsqueeze(1)
+        self.sizes = torch.cat([kept_sizes, merged], dim=1)
+        if self.track_positions:
+            if positions is None:
+                positions = torch.arange(n, device=kept.device).expand(b, n)
+            self.positions = torch.cat([positions.gather(1, kept), kept.new_full((b, 1), -1)], dim=1)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry no tensors of a pass
+        return {"track_positions": self.track_positions, "sizes": None, "positions": None}
+
+
+def weighted_mean(tokens: Tensor, sizes: Tensor) -> Tensor:
+    """``(B, D)`` mean of ``(B, n, D)`` tokens, each weighted by the patches it stands for
+    (at least float32 accumulation, returned in ``tokens``' dtype)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        acc = torch.promote_types(tokens.dtype, torch.float32)
+        weights = (sizes / sizes.sum(1, keepdim=True)).unsqueeze(1).to(acc)
+        return torch.bmm(weights, tokens.to(acc)).squeeze(1).to(tokens.dtype)
+
+
+def log_sizes(sizes: Tensor) -> Tensor:
+    """``(B, 1, 1, n)`` additive attention bias ``log(size)``: attending to a token that stands for
+    ``s`` patches weighs it like ``s`` identical patches (proportional attention)."""
+    return sizes.log()[:, None, None, :]
