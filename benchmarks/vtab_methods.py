@@ -307,7 +307,7 @@ def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer 
         handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse")
         if "placement" in opts:
             trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=s.token_blocks,
-                           placement=opts["placement"], seed=run.seed,
+                           placement=opts["placement"], seed=run.seed, score=opts.get("token_score", "auto"),
                            layers=sparse_layers(selection, s.token_blocks, opts["ties"]) if "ties" in opts else None)
             info["token_layers"] = list(trpts.get_token_config(model).layers)
     info["block_counts"] = {str(k): v for k, v in selection.block_counts.items()}
