@@ -1,9 +1,10 @@
 """Which token score keeps a mean-pooled ViT accurate: the [CLS] attention (eq. 8, ``score="cls"``)
 or the attention a token receives from every query (``score="mean"``).
 
-The real DINOv2 ViT-S/14 from ``../shared`` with ``global_pool='avg'`` (the head reads the mean of
-the patch tokens; the size-weighted mean once tokens merge), CIFAR-10 at 112 px with the
-VTAB-1k-style splits of ``benchmarks/vtab_mini.py`` (800 train / 200 validation / 2,000 test):
+The real DINOv2 ViT-S/14 from ``../shared`` with ``global_pool="avg", fc_norm=False`` (the head
+reads the mean of the normed patch tokens; the size-weighted mean once tokens merge), CIFAR-10 at
+112 px with the VTAB-1k-style splits of ``benchmarks/vtab_mini.py`` (800 train / 200 validation /
+2,000 test):
 
 1. Without fine-tuning: a linear head is fitted on the dense model's pooled features of the
    train split (AdamW, 5 epochs, lr 1e-2, the benchmark's schedule); then, for each score, rho
@@ -76,7 +77,7 @@ def settings_of(args: argparse.Namespace) -> vm.Settings:
         return vm.Settings("vit_small_patch14_dinov2", None, 28, 1, 8, (24, 8, 16), 0.05, 0.7, 1, 1,
                            {"global_pool": "avg", "embed_dim": 32, "depth": 2, "num_heads": 2})
     return vm.Settings("vit_small_patch14_dinov2", str(args.weights), args.img_size, 5, 32, (800, 200, 2000),
-                       0.005, 0.7, 3, 8, {"global_pool": "avg"})
+                       0.005, 0.7, 3, 8, {"global_pool": "avg", "fc_norm": False})
 
 
 def task_of(args: argparse.Namespace, settings: vm.Settings) -> tuple[str, vtab_data.Task, int]:

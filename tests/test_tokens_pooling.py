@@ -23,7 +23,9 @@ POOLED = {  # id -> (timm kwargs, score)
     "avg-cls-mean": (dict(global_pool="avg"), "mean"),
     "avg-no-cls": (dict(global_pool="avg", class_token=False), "mean"),
     "avg-registers": (dict(global_pool="avg", reg_tokens=2, init_values=0.1), "cls"),
+    "avg-with-prefix": (dict(global_pool="avg", pool_include_prefix=True, reg_tokens=1), "cls"),
     "map-cls": (dict(global_pool="map"), "cls"),
+    "map-with-prefix": (dict(global_pool="map", pool_include_prefix=True), "cls"),
     "siglip": (dict(model_name="vit_base_patch16_siglip_224"), "mean"),
 }
 
@@ -46,6 +48,8 @@ def test_pooled_output_is_the_pool_over_the_patches_each_token_stands_for(kwargs
         trpts.wrap_vit(model, rho=rho, layers=layers, score=score)
         assert trpts.get_token_config(model).score == score
         out = model(x)
+        features = model.forward_features(x)
+    torch.testing.assert_close(features, tokens.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(trpts.token_sizes(model), sizes.float())
 
@@ -187,3 +191,72 @@ def test_unsupported_pools_are_refused_before_anything_is_patched(pool):
     assert f"global_pool={pool!r}" in str(info.value) and isinstance(info.value, ValueError)
     assert "pool" not in vars(model) and "_trpts_flow" not in vars(model)
     assert not hasattr(model.blocks[0], "_trpts_tokens") and not model.blocks[0]._forward_pre_hooks
+
+
+# ---- EVA-02: rotary position embedding ----------------------------------------------------------
+EVA = {  # id -> (timm model, kwargs, score)
+    "eva02-cls": ("eva02_tiny_patch14_224", dict(global_pool="token"), "cls"),
+    "eva02-avg": ("eva02_tiny_patch14_224", dict(), "mean"),
+    "eva02-separate-qkv-avg-cls": ("eva02_base_patch14_224", dict(), "cls"),
+    "eva02-post-norm": ("eva02_tiny_patch14_224", dict(use_post_norm=True, global_pool="token"), "cls"),
+    "eva02-map": ("eva02_tiny_patch14_224", dict(global_pool="map"), "cls"),
+    "eva02-no-cls": ("eva02_tiny_patch14_224", dict(class_token=False), "mean"),
+}
+
+
+def make_eva(name, kwargs, depth=3):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=IMG, patch_size=4, embed_dim=32, depth=depth,
+                             num_heads=2, num_classes=5, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name, kwargs, score", list(EVA.values()), ids=list(EVA))
+def test_eva_matches_a_block_by_block_reference_with_rope_at_original_positions(name, kwargs, score):
+    from token_reference import eva_hand_forward
+
+    model = make_eva(name, kwargs)
+    x = make_batches(1, 3)[0][0]
+    layers, rho, p = [0, 1], 0.5, model.num_prefix_tokens
+    with torch.no_grad():
+        dense = model(x)
+        torch.testing.assert_close(eva_hand_forward(model, x, [], rho), dense, rtol=1e-4, atol=1e-5)
+        tokens, sizes = eva_hand_forward(model, x, layers, rho, score, return_tokens=True)
+        expected = torch.cat([model.forward_head(expand_by_sizes(t, s, p)[None])
+                              for t, s in zip(tokens, sizes, strict=True)])
+        trpts.wrap_vit(model, rho=1.0, layers=layers, score=score)
+        assert torch.equal(model(x), dense)  # rho = 1 is exact
+        trpts.wrap_vit(trpts.unwrap_vit(model), rho=rho, layers=layers, score=score)
+        out = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        features = model.forward_features(x)
+    # the features first: a wrong rotary row moves them by ~1e-3 here, the tiny logits far less
+    torch.testing.assert_close(features, tokens.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, out, rtol=1e-5, atol=1e-5)
+    trpts.unwrap_vit(model)
+    assert all(not b.attn._forward_pre_hooks for b in model.blocks) and "pool" not in vars(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), dense)
+
+
+def test_eva_compiles_and_trains_under_autocast():
+    model = make_eva(*EVA["eva02-avg"][:2]).train()
+    x, y = make_batches(1, 4)[0]
+    trpts.wrap_vit(model, rho=0.5, layers=[0, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert math.isfinite(loss.item()) and model.blocks[0].attn.qkv.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_eva_refuses_what_it_cannot_reduce():
+    for kwargs, match in [(dict(patch_drop_rate=0.5), "patch dropout"), (dict(global_pool="avgmax"), "global_pool")]:
+        model = make_eva("eva02_tiny_patch14_224", kwargs)
+        with pytest.raises(trpts.TrptsValueError, match=match):
+            trpts.wrap_vit(model, layers=[0])
+        assert trpts.get_token_config(model) is None and "_trpts_flow" not in vars(model)

@@ -8,15 +8,17 @@ import math
 import torch
 
 
-def loop_select_merge(x, scores, rho, p, sizes=None):
+def loop_select_merge(x, scores, rho, p, sizes=None, positions=None):
     """Eq. 9-11 one sample at a time, in float64, ties to the lower index. With ``sizes``
-    (``(B, N - P)``), also the sizes after the reduction (kept sizes, then the merged total)."""
+    (``(B, N - P)``), also the sizes after the reduction (kept sizes, then the merged total);
+    with ``positions`` (lists of original patch indices, -1: merged) too, the new positions."""
     b, n_tokens, _ = x.shape
     n = n_tokens - p
     k = max(1, math.floor(rho * n))
     if k >= n:
-        return x.double() if sizes is None else (x.double(), sizes)
-    outs, new_sizes = [], []
+        return x.double() if sizes is None else (x.double(), sizes) if positions is None else (x.double(), sizes,
+                                                                                            positions)
+    outs, new_sizes, new_positions = [], [], []
     for i in range(b):
         s = scores[i].tolist()
         ranked = sorted(range(n), key=lambda j: (-s[j], j))
@@ -26,8 +28,13 @@ def loop_select_merge(x, scores, rho, p, sizes=None):
         outs.append(torch.cat([x[i, :p].double(), x[i, [p + j for j in kept]].double(), merged_tok[None]]))
         if sizes is not None:
             new_sizes.append([float(sizes[i, j]) for j in kept] + [sum(float(sizes[i, j]) for j in merged)])
+        if positions is not None:
+            new_positions.append([positions[i][j] for j in kept] + [-1])
     out = torch.stack(outs)
-    return out if sizes is None else (out, torch.tensor(new_sizes, dtype=torch.float64))
+    if sizes is None:
+        return out
+    sizes = torch.tensor(new_sizes, dtype=torch.float64)
+    return (out, sizes) if positions is None else (out, sizes, new_positions)
 
 
 def reference_scores(q, k, scale, p, score):
@@ -66,3 +73,57 @@ def expand_by_sizes(x, sizes, p):
     """Each non-prefix token repeated ``size`` times (integer sizes): the patches it stands for,
     were they all equal to it. One sample: ``x`` is ``(N, D)``, ``sizes`` ``(N - P,)``."""
     return torch.cat([x[:p], x[p:].repeat_interleave(sizes.round().long(), dim=0)])
+
+
+def _rope_rows(rope, positions):
+    """Per sample, the rotary rows of the original positions (identity rotation for -1), looped."""
+    d = rope.shape[-1]
+    identity = torch.cat([torch.zeros(d // 2), torch.ones(d - d // 2)]).to(rope.dtype)
+    return torch.stack([torch.stack([rope[j] if j >= 0 else identity for j in row]) for row in positions])[:, None]
+
+
+def eva_hand_forward(model, x, layers, rho, score="cls", return_tokens=False):
+    """A timm ``Eva`` forward written out (pre- or post-norm blocks, fused or separate q/k/v), reducing
+    before the MLP of ``layers``; RoPE rows follow each kept token's original patch, merged tokens are
+    not rotated."""
+    from timm.layers import apply_rot_embed_cat
+    from timm.models.eva import EvaBlockPostNorm
+
+    p = model.num_prefix_tokens
+    x, rope = model._pos_embed(model.patch_embed(x))
+    x = model.norm_pre(x)
+    b = x.shape[0]
+    sizes = torch.ones(b, x.shape[1] - p, dtype=torch.float64)
+    positions = [list(range(x.shape[1] - p)) for _ in range(b)]
+    for i, blk in enumerate(model.blocks):
+        a, post = blk.attn, isinstance(blk, EvaBlockPostNorm)
+        h = x if post else blk.norm1(x)
+        n = h.shape[1]
+        if a.qkv is not None:
+            bias = torch.cat((a.q_bias, a.k_bias, a.v_bias)) if a.q_bias is not None else None
+            q, k, v = torch.nn.functional.linear(h, a.qkv.weight, bias).reshape(b, n, 3, a.num_heads, -1).permute(
+                2, 0, 3, 1, 4)
+        else:
+            q, k, v = (m(h).reshape(b, n, a.num_heads, -1).transpose(1, 2) for m in (a.q_proj, a.k_proj, a.v_proj))
+        q, k = a.q_norm(q), a.k_norm(k)
+        if rope is not None:
+            rows = _rope_rows(rope, positions)
+            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rows)], dim=2)
+            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rows)], dim=2)
+        attn = ((q * a.scale) @ k.transpose(-1, -2)).softmax(-1)
+        y = a.proj(a.norm((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+        if post:
+            x = x + blk.norm1(y)
+        else:
+            x = x + (blk.gamma_1 * y if blk.gamma_1 is not None else y)
+        if i in layers:
+            scores = reference_scores(q, k, a.scale, p, score)
+            x, sizes, positions = loop_select_merge(x, scores, rho, p, sizes, positions)
+            x = x.float()
+        if post:
+            x = x + blk.norm2(blk.mlp(x))
+        else:
+            m = blk.mlp(blk.norm2(x))
+            x = x + (blk.gamma_2 * m if blk.gamma_2 is not None else m)
+    x = model.norm(x)
+    return (x, sizes) if return_tokens else model.forward_head(x)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["TokenFlow", "log_sizes", "weighted_mean"]
+__all__ = ["TokenFlow", "log_sizes", "pool_by_size", "weighted_mean"]
 
 
 @dataclass
@@ -74,3 +74,17 @@ def log_sizes(sizes: Tensor) -> Tensor:
     """``(B, 1, 1, n)`` additive attention bias ``log(size)``: attending to a token that stands for
     ``s`` patches weighs it like ``s`` identical patches (proportional attention)."""
     return sizes.log()[:, None, None, :]
+
+
+def pool_by_size(x: Tensor, sizes: Tensor, num_prefix_tokens: int, *, include_prefix: bool,
+                 attn_pool: nn.Module | None = None) -> Tensor:
+    """A model's mean or attention pooling of ``(B, N, D)`` tokens, as over the patches each token
+    stands for: the size-weighted mean, or ``attn_pool(tokens, attn_mask=log(size))`` (a module
+    taking an additive ``attn_mask``, like timm's ``AttentionPoolLatent``). ``include_prefix``:
+    whether the pooling reads the prefix tokens too (each stands for itself)."""
+    if include_prefix:
+        sizes = torch.cat([sizes.new_ones(sizes.shape[0], num_prefix_tokens), sizes], dim=1)
+    tokens = x if include_prefix else x[:, num_prefix_tokens:]
+    if attn_pool is not None:
+        return attn_pool(tokens, attn_mask=log_sizes(sizes).to(x.dtype))
+    return weighted_mean(tokens, sizes)

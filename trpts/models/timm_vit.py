@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .._token_flow import log_sizes, weighted_mean
+from .._token_flow import pool_by_size
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
 from .base import BlockForward, TokenAdapter, has_parameters, pool_linear_weights
@@ -29,13 +29,10 @@ def _size_aware_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -
     the size-weighted mean, attention pooling adds ``log(size)`` to its logits."""
     p = self.num_prefix_tokens
     sizes, _ = self._trpts_flow.current(x.shape[0], x.shape[1] - p)
-    if sizes is None:  # nothing was merged in this pass
+    mean = (self.global_pool if pool_type is None else pool_type) == "avg"
+    if sizes is None or (self.attn_pool is None and not mean):  # nothing merged, or [CLS] / no pooling
         return type(self).pool(self, x, pool_type)
-    if self.attn_pool is not None:
-        return self.attn_pool(x[:, p:], attn_mask=log_sizes(sizes).to(x.dtype))
-    if (self.global_pool if pool_type is None else pool_type) == "avg":
-        return weighted_mean(x[:, p:], sizes)
-    return type(self).pool(self, x, pool_type)
+    return pool_by_size(x, sizes, p, include_prefix=self.pool_include_prefix, attn_pool=self.attn_pool)
 
 
 POOLS = ("token", "avg", "map", "")  # what token selection reads correctly (pool_type values)
