@@ -80,7 +80,7 @@ def settings_of(args: argparse.Namespace) -> vm.Settings:
                        0.005, 0.7, 3, 8, {"global_pool": "avg", "fc_norm": False})
 
 
-def task_of(args: argparse.Namespace, settings: vm.Settings) -> tuple[str, vtab_data.Task, int]:
+def task_of(args: argparse.Namespace, settings: vm.Settings) -> tuple[vtab_data.Task, int]:
     if args.quick:
         name, data = "count", None
     else:
@@ -90,7 +90,7 @@ def task_of(args: argparse.Namespace, settings: vm.Settings) -> tuple[str, vtab_
         name, data = vtab_data.image_source_name(args.data), args.data
     task = vtab_data.load_task(name, data=data, size=settings.img_size, sizes=settings.sizes,
                                cache_dir=args.cache_dir)
-    return name, task, vtab_data.task_infos(data)[name].classes
+    return task, vtab_data.task_infos(data)[name].classes
 
 
 # ---- part 1: no fine-tuning --------------------------------------------------------------------
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> str:
     key = settings.key()
     rows = load(args.results, key)
     if not args.report_only:
-        name, task, classes = task_of(args, settings)
+        task, classes = task_of(args, settings)
         frozen_todo, tune_todo = plan(args, rows)
         bar = tqdm(total=len(frozen_todo) + len(tune_todo), disable=args.no_progress, desc="token scores")
         stamp = {"settings": key, "machine": common.machine(), "trpts": trpts.__version__}
