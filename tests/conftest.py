@@ -32,6 +32,15 @@ def make_timm_vit(depth: int = 2, **kwargs):
     return timm.create_model(name, **options)
 
 
+def make_timm_eva(name: str = "eva02_tiny_patch14_224", depth: int = 3, **kwargs):
+    """A tiny timm Eva (EVA-02 with RoPE) in eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=IMG, patch_size=4, embed_dim=32, depth=depth,
+                             num_heads=2, num_classes=NUM_CLASSES, **kwargs).eval()
+
+
 def make_hf_vit(depth: int = 2, classifier: bool = True):
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 

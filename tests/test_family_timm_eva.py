@@ -1,16 +1,16 @@
 """timm Eva (EVA-02 with fused or separate q/k/v, SwiGLU MLPs, RoPE; post-norm blocks; an
-attention-pool head): parameter selection, both storages, deltas; token selection is refused."""
+attention-pool head): parameter selection, both storages, deltas, token selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import make_hf_vit, make_timm_vit
-from family_checks import check_family
+from family_checks import check_family, check_tokens
 from torch import nn
 
 import trpts
-from trpts.models import TokenAdapter, get_adapter
+from trpts.models import get_adapter
 
 
 def make_eva(model_name: str = "eva02_tiny_patch14_224", **kwargs) -> nn.Module:
@@ -58,14 +58,8 @@ def test_eva_scores_block_linears_patch_and_attention_pool():
     assert get_adapter(bare).heads(bare) == []
 
 
-def test_token_selection_on_eva_says_why_and_what_is_supported():
-    model = make_eva()
-    selection = trpts.allocate_connections(trpts.compute_fisher(
-        model, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))], progress=False))
-    with pytest.raises(trpts.TrptsError, match="timm-eva") as info:
-        trpts.wrap_vit(model, selection)
-    assert "timm-vit" in str(info.value) and "Parameter selection" in str(info.value)
-    assert not hasattr(model, "_trpts_tokens") and all(not hasattr(b, "_trpts_tokens") for b in model.blocks)
-    adapter = get_adapter(model)
-    assert not adapter.supports_tokens and not isinstance(adapter, TokenAdapter)
-    assert "RoPE" in adapter.tokens_unsupported and "RoPE" in str(info.value)  # the family's reason
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_token_selection_on_eva(name):
+    """rho = 1 exact, batch independence at rho < 1 (the RoPE reference is in test_tokens_pooling.py)."""
+    check_tokens(FACTORIES[name])
+    assert get_adapter(FACTORIES[name]()).supports_tokens

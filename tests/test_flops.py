@@ -68,3 +68,27 @@ def test_analytic_flops_match_on_pooled_vits_for_every_score(kwargs):
         trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
         assert trpts.count_flops(model, size) == measured()
         trpts.unwrap_vit(model)
+
+
+@pytest.mark.parametrize("name, kwargs", [("eva02_tiny_patch14_224", dict(global_pool="token")),
+                                          ("eva02_tiny_patch14_224", dict()),
+                                          ("eva02_base_patch14_224", dict(global_pool="map")),
+                                          ("eva02_tiny_patch14_224", dict(global_pool=""))],
+                         ids=["token", "avg", "separate-qkv-map", "none"])
+def test_analytic_flops_match_on_eva(name, kwargs):
+    from conftest import make_timm_eva
+
+    model = make_timm_eva(name, **kwargs)
+    _explicit_attention(model)
+    size = (2, 3, IMG, IMG)
+
+    def measured():
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(*size))
+        return counter.get_total_flops()
+
+    assert trpts.count_flops(model, size) == measured()
+    for score in ("cls", "mean"):
+        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
+        assert trpts.count_flops(model, size) == measured()
+        trpts.unwrap_vit(model)

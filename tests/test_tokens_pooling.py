@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import IMG, make_batches, make_timm_vit
+from conftest import IMG, make_batches, make_timm_eva, make_timm_vit
 from family_checks import check_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -204,12 +204,8 @@ EVA = {  # id -> (timm model, kwargs, score)
 }
 
 
-def make_eva(name, kwargs, depth=3):
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, img_size=IMG, patch_size=4, embed_dim=32, depth=depth,
-                             num_heads=2, num_classes=5, **kwargs).eval()
+def make_eva(name, kwargs):
+    return make_timm_eva(name, **kwargs)
 
 
 @pytest.mark.parametrize("name, kwargs, score", list(EVA.values()), ids=list(EVA))
