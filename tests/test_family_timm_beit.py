@@ -1,16 +1,16 @@
 """timm Beit (relative position bias per block or shared, LayerScale, mean pooling): parameter
-selection, both storages, deltas; token selection is refused."""
+selection, both storages, deltas, token selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import make_hf_vit, make_timm_vit
-from family_checks import check_family
+from family_checks import check_family, check_tokens
 from torch import nn
 
 import trpts
-from trpts.models import TokenAdapter, get_adapter
+from trpts.models import get_adapter
 
 
 def make_beit(model_name: str = "beit_base_patch16_224", **kwargs) -> nn.Module:
@@ -46,13 +46,8 @@ def test_beit_scores_block_linears_and_patch_projection():
     assert get_adapter(bare).heads(bare) == []
 
 
-def test_token_selection_on_beit_says_why_and_what_is_supported():
-    model = make_beit()
-    selection = trpts.allocate_connections(trpts.compute_fisher(
-        model, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))], progress=False))
-    with pytest.raises(trpts.TrptsError, match="timm-beit") as info:
-        trpts.wrap_vit(model, selection)
-    assert "timm-vit" in str(info.value) and "Parameter selection" in str(info.value)
-    adapter = get_adapter(model)
-    assert not adapter.supports_tokens and not isinstance(adapter, TokenAdapter)
-    assert "relative position bias" in adapter.tokens_unsupported and "relative position bias" in str(info.value)  # the family's reason
+@pytest.mark.parametrize("make", [make_beit, make_beit_shared_bias], ids=["beit", "beitv2-shared-bias"])
+def test_token_selection_on_beit(make):
+    """rho = 1 exact, batch independence at rho < 1 (the bias reference is in test_tokens_pooling.py)."""
+    check_tokens(make)
+    assert get_adapter(make()).supports_tokens

@@ -92,3 +92,20 @@ def test_analytic_flops_match_on_eva(name, kwargs):
         trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
         assert trpts.count_flops(model, size) == measured()
         trpts.unwrap_vit(model)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(global_pool="token", use_shared_rel_pos_bias=True),
+                                    dict(global_pool="")], ids=["avg", "token-shared-bias", "none"])
+def test_analytic_flops_match_on_beit(kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=4, embed_dim=32,
+                              depth=3, num_heads=2, num_classes=5, **kwargs).eval()
+    _explicit_attention(model)
+    size = (2, 3, IMG, IMG)
+    assert trpts.count_flops(model, size) == _measured(model, size)
+    for score in ("cls", "mean"):
+        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
+        assert trpts.count_flops(model, size) == _measured(model, size)
+        trpts.unwrap_vit(model)

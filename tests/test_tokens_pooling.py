@@ -256,3 +256,70 @@ def test_eva_refuses_what_it_cannot_reduce():
         with pytest.raises(trpts.TrptsValueError, match=match):
             trpts.wrap_vit(model, layers=[0])
         assert trpts.get_token_config(model) is None and "_trpts_flow" not in vars(model)
+
+
+# ---- BEiT: relative position bias ---------------------------------------------------------------
+BEIT = {  # id -> (kwargs, score)
+    "beit-avg": (dict(), "cls"),
+    "beit-avg-mean": (dict(), "mean"),
+    "beit-token-layerscale": (dict(global_pool="token", init_values=0.1), "cls"),
+    "beit-shared-bias": (dict(use_abs_pos_emb=True, use_rel_pos_bias=False, use_shared_rel_pos_bias=True), "cls"),
+    "beit-both-biases": (dict(use_shared_rel_pos_bias=True), "cls"),
+}
+
+
+def make_beit(kwargs, depth=3):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=4, embed_dim=32,
+                              depth=depth, num_heads=2, num_classes=5, **kwargs).eval()
+    with torch.no_grad():  # timm initialises the bias tables to zero: make them matter
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table") and m.relative_position_bias_table is not None:
+                m.relative_position_bias_table.normal_()
+    return model
+
+
+@pytest.mark.parametrize("kwargs, score", list(BEIT.values()), ids=list(BEIT))
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+def test_beit_matches_a_block_by_block_reference_with_gathered_bias(kwargs, score, fused):
+    from token_reference import beit_hand_forward
+
+    model = make_beit(kwargs)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    x = make_batches(1, 3)[0][0]
+    layers, rho, p = [0, 1], 0.5, model.num_prefix_tokens
+    with torch.no_grad():
+        dense = model(x)
+        torch.testing.assert_close(beit_hand_forward(model, x, [], rho), dense, rtol=1e-4, atol=1e-5)
+        tokens, sizes = beit_hand_forward(model, x, layers, rho, score, return_tokens=True)
+        expected = torch.cat([model.forward_head(expand_by_sizes(t, s, p)[None])
+                              for t, s in zip(tokens, sizes, strict=True)])
+        trpts.wrap_vit(model, rho=1.0, layers=layers, score=score)
+        assert torch.equal(model(x), dense)  # rho = 1 is exact
+        trpts.wrap_vit(trpts.unwrap_vit(model), rho=rho, layers=layers, score=score)
+        out, features = model(x), model.forward_features(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(features, tokens.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, out, rtol=1e-5, atol=1e-5)
+    trpts.unwrap_vit(model)
+    assert all("forward" not in vars(b.attn) and "_trpts_relpos" not in vars(b.attn) for b in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x), dense)
+
+
+def test_beit_trains_under_autocast_and_compiles():
+    model = make_beit({}).train()
+    x, y = make_batches(1, 4)[0]
+    trpts.wrap_vit(model, rho=0.5, layers=[0, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert math.isfinite(loss.item()) and model.blocks[0].attn.relative_position_bias_table.grad is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)

@@ -127,3 +127,43 @@ def eva_hand_forward(model, x, layers, rho, score="cls", return_tokens=False):
             x = x + (blk.gamma_2 * m if blk.gamma_2 is not None else m)
     x = model.norm(x)
     return (x, sizes) if return_tokens else model.forward_head(x)
+
+
+def beit_hand_forward(model, x, layers, rho, score="cls", return_tokens=False):
+    """A timm ``Beit`` forward written out, reducing before the MLP of ``layers``; each token's
+    relative position bias is that of its original patch (looped per sample), 0 for merged tokens."""
+    p = model.num_prefix_tokens
+    x = model.patch_embed(x)
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    x = model.pos_drop(x if model.pos_embed is None else x + model.pos_embed)
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    b = x.shape[0]
+    sizes = torch.ones(b, x.shape[1] - p, dtype=torch.float64)
+    positions = [list(range(x.shape[1] - p)) for _ in range(b)]
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        h = blk.norm1(x)
+        n = h.shape[1]
+        bias = torch.cat((a.q_bias, a.k_bias, a.v_bias)) if a.q_bias is not None else None
+        q, k, v = torch.nn.functional.linear(h, a.qkv.weight, bias).reshape(b, n, 3, a.num_heads, -1).permute(
+            2, 0, 3, 1, 4)
+        full = torch.zeros(a.num_heads, 1, 1)
+        if a.relative_position_bias_table is not None:
+            full = full + a._get_rel_pos_bias()[0]
+        if shared is not None:
+            full = full + shared
+        tokens = [list(range(p)) + [p + j if j >= 0 else None for j in row] for row in positions]
+        rel = torch.stack([torch.stack([torch.stack([
+            full[:, r, c] if r is not None and c is not None and full.shape[1] > 1 else torch.zeros(a.num_heads)
+            for c in row]) for r in row]) for row in tokens]).permute(0, 3, 1, 2)  # (B, H, n, n)
+        attn = ((q * a.scale) @ k.transpose(-1, -2) + rel).softmax(-1)
+        y = a.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+        x = x + (blk.gamma_1 * y if blk.gamma_1 is not None else y)
+        if i in layers:
+            scores = reference_scores(q, k, a.scale, p, score)
+            x, sizes, positions = loop_select_merge(x, scores, rho, p, sizes, positions)
+            x = x.float()
+        m = blk.mlp(blk.norm2(x))
+        x = x + (blk.gamma_2 * m if blk.gamma_2 is not None else m)
+    x = model.norm(x)
+    return (x, sizes) if return_tokens else model.forward_head(x)

@@ -156,6 +156,10 @@ class _BlockState:
     def capture_k(self, module: nn.Module, args: Any, out: Tensor) -> None:
         self.k = self.to_heads(out)
 
+    def capture(self, q: Tensor, k: Tensor) -> None:
+        """Queries and keys ``(B, H, N, d)`` handed over by a family's patched attention."""
+        self.q, self.k = (q[:, :, :1] if self.score == "cls" else q), k
+
     def reduce(self, x: Tensor) -> Tensor:
         """The reducing step, called by the patched block between attention and MLP."""
         reducer = self.reducer
@@ -270,8 +274,8 @@ def wrap_vit(
     else:
         chosen, placement_name = choose_layers(len(blocks), num_layers, selection, placement, seed), placement
     prefix = adapter.num_prefix_tokens(base)
-    for i in chosen:
-        adapter.check_block(blocks[i])  # validate every block before patching any
+    for i in range(len(blocks)) if adapter.tracks_positions(base) else chosen:
+        adapter.check_block(blocks[i])  # validate every block it patches before patching any
     flow = _install_flow(adapter, base, blocks)
     for i in chosen:
         _patch_block(adapter, blocks[i], TokenSelectMerge(rho, prefix), score, flow)
@@ -312,11 +316,16 @@ def _patch_block(adapter: TokenAdapter, block: nn.Module, reducer: TokenSelectMe
                  flow: TokenFlow) -> None:
     """Give ``block`` its reducing forward (an instance-level patch) and the hooks that capture
     its queries and keys."""
-    q_mod, k_mod, to_heads = adapter.query_key(block)
-    state = _BlockState(reducer, to_heads, adapter.attention_scale(block), score, flow)
-    state.hooks = [q_mod.register_forward_hook(state.capture_q), k_mod.register_forward_hook(state.capture_k)]
+    taps = adapter.query_key(block)
+    state = _BlockState(reducer, taps[2] if taps else _same, adapter.attention_scale(block), score, flow)
+    if taps:  # else the family's patched attention calls state.capture(q, k)
+        state.hooks = [taps[0].register_forward_hook(state.capture_q), taps[1].register_forward_hook(state.capture_k)]
     block.forward = types.MethodType(adapter.reducing_forward(block), block)
     setattr(block, _STATE_ATTR, state)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def token_sizes(model: nn.Module) -> Tensor | None:

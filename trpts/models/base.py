@@ -11,12 +11,17 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import TrptsTypeError, TrptsValueError
+
+class Removable(Protocol):
+    """A hook handle, or anything else ``unwrap_vit`` undoes by calling ``remove()``."""
+
+    def remove(self) -> None: ...
+
 
 #: A block forward ``(block, x, *args, **kwargs) -> x`` that calls
 #: ``block._trpts_tokens.reduce(x)`` after the attention residual and before the MLP.
@@ -159,9 +164,10 @@ class TokenAdapter(ModelAdapter):
         bias), so the token flow must carry positions. False by default."""
         return False
 
-    def patch_positions(self, model: nn.Module, blocks: Sequence[nn.Module]) -> list[RemovableHandle]:
-        """Hooks that give every block the position information of the tokens it sees (read
-        from the model's token flow); none by default."""
+    def patch_positions(self, model: nn.Module, blocks: Sequence[nn.Module]) -> list[Removable]:
+        """Hooks or patches that give every block the position information of the tokens it sees
+        (read from the model's token flow), each undone by its ``remove()``; none by default.
+        ``wrap_vit`` has checked every block with :meth:`check_block` first."""
         return []
 
     def patch_pooling(self, model: nn.Module) -> list[str]:
@@ -187,9 +193,11 @@ class TokenAdapter(ModelAdapter):
         """Raise a clear trpts error if this block's type cannot be patched."""
 
     @abstractmethod
-    def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
+    def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]] | None:
         """Modules whose outputs are the block's queries and keys, and a function turning such an
-        output into ``(B, H, N, d)`` (queries/keys exactly as the attention uses them)."""
+        output into ``(B, H, N, d)`` (queries/keys exactly as the attention uses them); or
+        ``None`` when the family's patched attention hands them to the block's state itself
+        (``block._trpts_tokens.capture(q, k)``)."""
 
     @abstractmethod
     def attention_scale(self, block: nn.Module) -> float:

@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from .._token_flow import TokenFlow, pool_by_size
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
-from .base import BlockForward, TokenAdapter, pool_linear_weights
+from .base import BlockForward, Removable, TokenAdapter, pool_linear_weights
 
 POOLS = ("token", "avg", "map", "")
 
@@ -136,7 +135,7 @@ class TimmEvaAdapter(TimmBlocksAdapter, TokenAdapter):
     def tracks_positions(self, model: nn.Module) -> bool:
         return getattr(model, "rope", None) is not None
 
-    def patch_positions(self, model: nn.Module, blocks: Sequence[nn.Module]) -> list[RemovableHandle]:
+    def patch_positions(self, model: nn.Module, blocks: Sequence[nn.Module]) -> list[Removable]:
         if not self.tracks_positions(model):
             return []
         flow = model._trpts_flow
