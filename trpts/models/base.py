@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import TrptsTypeError, TrptsValueError
 
+
 class Removable(Protocol):
     """A hook handle, or anything else ``unwrap_vit`` undoes by calling ``remove()``."""
 
