@@ -13,6 +13,8 @@ Usage::
     python benchmarks/tokens.py                      # vit_small + vit_base, full grid (GPU-sized)
     python benchmarks/tokens.py --models vit_small_patch16_224 --rhos 0.7 0.5 --blocks 1 3
     python benchmarks/tokens.py --quick              # seconds; run by the test suite
+    python benchmarks/tokens.py --models vit_small_patch16_224:global_pool=avg \
+        vit_base_patch16_siglip_224 eva02_small_patch14_224 beit_base_patch16_224   # issue #16's families
     python benchmarks/tokens.py --bf16 --batch 256 --train-batch 64 --models vit_base_patch16_224 \
         --compile max-autotune                       # the issue #15 goal on a GPU
 """
@@ -39,12 +41,31 @@ import trpts
 LAYERS = {1: [3], 2: [3, 6], 3: [3, 6, 9]}  # evenly spaced reducing blocks (as in EViT)
 
 
+def model_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``"name"`` or ``"name:key=value,..."`` (timm ``create_model`` options; ints, floats, booleans
+    and strings) -> ``(name, options)``."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, text = item.partition("=")
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        for cast in (int, float):
+            try:
+                value = cast(text)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return name, options
+
+
 def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str, object]]:
     """Dense and wrapped runs alternate round by round (wrapping is cheap), so slow drift of a
     shared machine cancels out of the per-round ratios, whose medians are reported."""
     torch.manual_seed(0)
-    kwargs = dict(img_size=32, patch_size=4, depth=4) if args.quick else {}
-    model = timm.create_model(name, pretrained=False, **kwargs).to(args.device)
+    arch, options = model_spec(name)
+    kwargs = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2) if args.quick else {}
+    model = timm.create_model(arch, pretrained=False, **{"num_classes": 1000, **kwargs, **options}).to(args.device)
     img = 32 if args.quick else 224
     x_tp = torch.randn(args.batch, 3, img, img, device=args.device)
     x_lat = x_tp[:1]
@@ -86,6 +107,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
     for rho in args.rhos:
         for n_blocks in args.blocks:
             wrapped_model = trpts.wrap_vit(copy.deepcopy(model), rho=rho, layers=layers[n_blocks])
+            score = trpts.get_token_config(wrapped_model).score
             flops = trpts.count_flops(wrapped_model, (1, 3, img, img))
             tokens = trpts.token_counts(wrapped_model, (3, img, img))[-1][1]
             wrapped_run = compiled(wrapped_model)
@@ -100,7 +122,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
                      for k in ("tp", "lat", "train")}
             flop_gain = dense_flops / flops
             rows.append({
-                "model": name, "rho": f"{rho:g}", "blocks": str(layers[n_blocks]), "tokens out": tokens,
+                "model": name, "score": score, "rho": f"{rho:g}", "blocks": str(layers[n_blocks]), "tokens out": tokens,
                 "GFLOPs/img": f"{flops / 1e9:.2f}", "FLOP speed-up": f"{flop_gain:.3f}x",
                 "img/s (batch)": f"{args.batch / statistics.median(w['tp'] for w in wrapped):.1f}",
                 "speed-up": f"{ratio['tp']:.3f}x", "speed-up / FLOP speed-up": f"{ratio['tp'] / flop_gain:.2f}",
@@ -110,7 +132,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
             })
             bar.update()
     dense_row = {
-        "model": name, "rho": "dense", "blocks": "-", "tokens out": dense_tokens,
+        "model": name, "score": "-", "rho": "dense", "blocks": "-", "tokens out": dense_tokens,
         "GFLOPs/img": f"{dense_flops / 1e9:.2f}", "FLOP speed-up": "1.000x",
         "img/s (batch)": f"{args.batch / statistics.median(d['tp'] for d in dense_all):.1f}",
         "speed-up": "1.000x", "speed-up / FLOP speed-up": "1.00",
@@ -123,7 +145,9 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, few configs (seconds)")
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="timm names, with create_model options as name:key=value,... (default: "
+                             "vit_small_patch16_224 vit_base_patch16_224)")
     parser.add_argument("--rhos", nargs="+", type=float, default=[0.9, 0.7, 0.5])
     parser.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3],
                         help="numbers of reducing blocks (at blocks 3 / 3,6 / 3,6,9)")
@@ -138,8 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.rhos, args.blocks = ["vit_tiny_patch16_224"], [0.5], [1, 2]
+        args.models, args.rhos, args.blocks = args.models or ["vit_tiny_patch16_224"], [0.5], [1, 2]
         args.batch, args.repeats = 4, 1
+    args.models = args.models or ["vit_small_patch16_224", "vit_base_patch16_224"]
     args.train_batch = args.train_batch or args.batch
     total = len(args.models) * len(args.rhos) * len(args.blocks)
     rows: list[dict[str, object]] = []

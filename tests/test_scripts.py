@@ -58,6 +58,16 @@ def test_tokens_benchmark_quick(tmp_path, compile_mode):
     assert float(rows[2]["FLOP speed-up"].rstrip("x")) > float(rows[1]["FLOP speed-up"].rstrip("x")) > 1
 
 
+def test_tokens_benchmark_quick_on_pooled_and_position_dependent_families(tmp_path):
+    models = ["vit_tiny_patch16_224:global_pool=avg,class_token=false", "eva02_tiny_patch14_224",
+              "beit_base_patch16_224"]
+    _run("benchmarks/tokens.py", "--quick", "--no-progress", "--models", *models, "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == [m for m in models for _ in range(3)]
+    assert [r["score"] for r in rows] == ["-", "mean", "mean", "-", "cls", "cls", "-", "cls", "cls"]
+    assert all(float(r["FLOP speed-up"].rstrip("x")) > 1 for r in rows if r["rho"] != "dense")
+
+
 def test_deltas_benchmark_quick(tmp_path):
     out = _run("benchmarks/deltas.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
