@@ -306,9 +306,10 @@ def _install_flow(adapter: TokenAdapter, model: nn.Module, blocks: Sequence[nn.M
     size-aware pooling and position hooks."""
     flow = TokenFlow(track_positions=adapter.tracks_positions(model))
     model.__dict__[_FLOW_ATTR] = flow
-    flow_hooks = [blocks[0].register_forward_pre_hook(flow.reset)]
-    flow_hooks += adapter.patch_positions(model, blocks)
-    model.__dict__["_trpts_flow_undo"] = (flow_hooks, adapter.patch_pooling(model))
+    undo = [blocks[0].register_forward_pre_hook(flow.reset)]
+    undo += adapter.patch_positions(model, blocks)
+    undo += adapter.patch_pooling(model)
+    model.__dict__["_trpts_flow_undo"] = undo
     return flow
 
 
@@ -364,11 +365,8 @@ def unwrap_vit(model: nn.Module) -> nn.Module:
             hook.remove()
         del blocks[i].forward
         delattr(blocks[i], _STATE_ATTR)
-    flow_hooks, patched = base.__dict__.pop("_trpts_flow_undo")
-    for hook in flow_hooks:
-        hook.remove()
-    for name in patched:
-        del base.__dict__[name]
+    for undo in base.__dict__.pop("_trpts_flow_undo"):
+        undo.remove()
     del base.__dict__[_FLOW_ATTR]
     update_state(base, tokens=None)
     return model

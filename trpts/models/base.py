@@ -24,6 +24,18 @@ class Removable(Protocol):
     def remove(self) -> None: ...
 
 
+class Restore:
+    """Undo of an instance-level patch of one module: ``remove()`` deletes the instance
+    attributes ``names`` (so the class's own methods show through again)."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str]):
+        self.module, self.names = module, tuple(names)
+
+    def remove(self) -> None:
+        for name in self.names:
+            self.module.__dict__.pop(name, None)
+
+
 #: A block forward ``(block, x, *args, **kwargs) -> x`` that calls
 #: ``block._trpts_tokens.reduce(x)`` after the attention residual and before the MLP.
 BlockForward = Callable[..., Any]
@@ -171,10 +183,10 @@ class TokenAdapter(ModelAdapter):
         ``wrap_vit`` has checked every block with :meth:`check_block` first."""
         return []
 
-    def patch_pooling(self, model: nn.Module) -> list[str]:
-        """Make the model's pooling of patch tokens size-aware (read the model's token flow);
-        returns the names of the instance attributes set (removed by ``unwrap_vit``). Nothing by
-        default: a [CLS]-pooled head never reads a merged token."""
+    def patch_pooling(self, model: nn.Module) -> list[Removable]:
+        """Make the model's pooling of patch tokens size-aware (read the model's token flow):
+        hooks or patches, each undone by ``remove()``. Nothing by default: a [CLS]-pooled head
+        never reads a merged token."""
         return []
 
     def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:

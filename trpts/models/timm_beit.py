@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .._token_flow import TokenFlow, weighted_mean
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
-from .base import BlockForward, Removable, TokenAdapter
+from .base import BlockForward, Removable, Restore, TokenAdapter
 
 
 def _reducing_block_forward(self: nn.Module, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
@@ -104,17 +104,6 @@ class _RelPos:
         return out.masked_fill(merged[:, None, :, None] | merged[:, None, None, :], 0.0)
 
 
-class _Restore:
-    """Undo of an instance-level patch of one module (``remove()``, like a hook handle)."""
-
-    def __init__(self, module: nn.Module, names: Sequence[str]):
-        self.module, self.names = module, tuple(names)
-
-    def remove(self) -> None:
-        for name in self.names:
-            self.module.__dict__.pop(name, None)
-
-
 class TimmBeitAdapter(TimmBlocksAdapter, TokenAdapter):
     family = "timm-beit"
     description = ("timm Beit (BEiT, BEiT v2; relative position bias, mean pooling): parameter selection, "
@@ -142,12 +131,12 @@ class TimmBeitAdapter(TimmBlocksAdapter, TokenAdapter):
         for block in blocks:
             block.attn.__dict__["_trpts_relpos"] = _RelPos(model._trpts_flow, self.num_prefix_tokens(model), block)
             block.attn.forward = types.MethodType(_position_aware_attention, block.attn)
-            undo.append(_Restore(block.attn, ("forward", "_trpts_relpos")))
+            undo.append(Restore(block.attn, ("forward", "_trpts_relpos")))
         return undo
 
-    def patch_pooling(self, model: nn.Module) -> list[str]:
+    def patch_pooling(self, model: nn.Module) -> list[Removable]:
         model.forward_head = types.MethodType(_size_aware_forward_head, model)
-        return ["forward_head"]
+        return [Restore(model, ["forward_head"])]
 
     def query_key(self, block: nn.Module) -> None:
         return None  # _position_aware_attention hands q and k over

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._token_flow import TokenFlow, pool_by_size
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
-from .base import BlockForward, Removable, TokenAdapter, pool_linear_weights
+from .base import BlockForward, Removable, Restore, TokenAdapter, pool_linear_weights
 
 POOLS = ("token", "avg", "map", "")
 
@@ -145,11 +145,11 @@ class TimmEvaAdapter(TimmBlocksAdapter, TokenAdapter):
             hooks.append(block.attn.register_forward_pre_hook(rope, with_kwargs=True))
         return hooks
 
-    def patch_pooling(self, model: nn.Module) -> list[str]:
+    def patch_pooling(self, model: nn.Module) -> list[Removable]:
         if getattr(model, "attn_pool", None) is None and model.global_pool != "avg":
             return []
         model.pool = types.MethodType(_size_aware_pool, model)
-        return ["pool"]
+        return [Restore(model, ["pool"])]
 
     def query_key(self, block: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
         rope = next((h for h in block.attn._forward_pre_hooks.values() if isinstance(h, _Rope)), None)

@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from .._token_flow import pool_by_size
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter
-from .base import BlockForward, TokenAdapter, has_parameters, pool_linear_weights
+from .base import (
+    BlockForward,
+    Removable,
+    Restore,
+    TokenAdapter,
+    has_parameters,
+    pool_linear_weights,
+)
 
 
 def _reducing_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None,
@@ -61,11 +68,11 @@ class TimmViTAdapter(TimmBlocksAdapter, TokenAdapter):
     def token_scores(self, model: nn.Module) -> tuple[str, ...]:
         return ("cls", "mean") if getattr(model, "cls_token", None) is not None else ("mean",)
 
-    def patch_pooling(self, model: nn.Module) -> list[str]:
+    def patch_pooling(self, model: nn.Module) -> list[Removable]:
         if getattr(model, "attn_pool", None) is None and model.global_pool != "avg":
             return []  # 'token' reads [CLS]; '' returns every token (see trpts.token_sizes)
         model.pool = types.MethodType(_size_aware_pool, model)
-        return ["pool"]
+        return [Restore(model, ["pool"])]
 
     def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
         """Adds attention pooling (``kv`` on every patch token, the latent queries' ``q k^T`` and
