@@ -1,6 +1,5 @@
 """Hugging Face DINOv2 (with and without registers): parameter selection in both storages, deltas,
-token selection on the bare models (registers are prefix tokens), and a clear refusal for the
-classifiers that mean-pool patch tokens."""
+token selection (registers are prefix tokens; the classifiers read the size-weighted patch mean)."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import torch
 from conftest import make_timm_vit
 from family_checks import batches, check_family, check_tokens, feature_loss
 from test_family_hf_deit import _select_merge
+from token_reference import expand_by_sizes
 from torch.utils.flop_counter import FlopCounterMode
 
 import trpts
@@ -51,13 +51,25 @@ def test_dinov2_token_selection(kind, kwargs):
 
 
 @pytest.mark.parametrize("kind", ["cls", "reg-cls"])
-def test_dinov2_classifiers_refuse_token_selection_clearly(kind):
-    model = make_dinov2(kind)
-    with pytest.raises(trpts.TrptsValueError, match="mean of the patch tokens") as info:
-        trpts.wrap_vit(model, rho=0.5, layers=[0])
-    assert "Model (pooled by [CLS])" in str(info.value) and isinstance(info.value, trpts.TrptsError)
-    assert trpts.get_token_config(model) is None
-    assert all("forward" not in vars(b) for b in get_adapter(model).blocks(model))
+def test_dinov2_classifiers_read_the_size_weighted_patch_mean(kind):
+    """The classifier's [CLS] + patch-mean input: the mean is over the patches each token stands
+    for (the tokens repeated by their sizes, then Hugging Face's own plain mean)."""
+    check_tokens(lambda: make_dinov2(kind))
+    model = make_dinov2(kind, depth=3).eval()
+    p = get_adapter(model).num_prefix_tokens(model)
+    x = batches(n=1, batch_size=3)[0][0]
+    trpts.wrap_vit(model, rho=0.5, layers=[0, 2])
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        tokens = get_adapter(model).backbone(model)(pixel_values=x).last_hidden_state
+        sizes = trpts.token_sizes(model)
+        pooled = torch.stack([torch.cat([t[0], expand_by_sizes(t, s, p)[p:].mean(0)])
+                              for t, s in zip(tokens, sizes, strict=True)])
+        expected = torch.nn.functional.linear(pooled, model.classifier.weight, model.classifier.bias)
+    assert tokens.shape[1] == p + 4 + 1 and bool((sizes[:, -1] > 1).all())
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    trpts.unwrap_vit(model)
+    assert not model.classifier._forward_pre_hooks and not get_adapter(model).backbone(model)._forward_hooks
 
 
 def test_dinov2_names_heads_and_prefix_tokens():

@@ -1,12 +1,14 @@
 """Hugging Face SigLIP image tower (SiglipVisionModel, SiglipForImageClassification): parameter
-selection in both storages and deltas; token selection is refused (no [CLS] token)."""
+selection in both storages and deltas; token selection by mean attention (no [CLS] token), with the
+attention pool and the classifier's mean reading token sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import make_timm_vit
-from family_checks import check_family, feature_loss
+from family_checks import batches, check_family, check_tokens, feature_loss
+from token_reference import expand_by_sizes
 
 import trpts
 from trpts.models import get_adapter
@@ -37,7 +39,7 @@ def test_siglip_names_and_heads():
     for classifier, prefix in [(False, ""), (True, "vision_model.")]:
         model = make_siglip(classifier)
         adapter = get_adapter(model)
-        assert adapter.family == "hf-siglip-vision" and not adapter.supports_tokens
+        assert adapter.family == "hf-siglip-vision" and adapter.supports_tokens
         assert trpts.default_scored_parameters(model) == [
             f"{prefix}embeddings.patch_embedding.weight",
             *(f"{prefix}encoder.layers.{i}.{m}.weight" for i in range(2) for m in layer)]
@@ -46,11 +48,30 @@ def test_siglip_names_and_heads():
 
 
 @pytest.mark.parametrize("classifier", [False, True], ids=["vision", "classifier"])
-def test_siglip_token_selection_is_refused_clearly(classifier):
-    model = make_siglip(classifier)
-    with pytest.raises(trpts.UnsupportedModelError, match=r"no \[CLS\] token") as info:
-        trpts.wrap_vit(model, rho=0.5, layers=[0])
-    message = str(info.value)
-    assert "hf-siglip-vision" in message and "hf-deit" in message and "hf-clip-vision" in message
-    assert "  - hf-siglip-vision" not in message  # not listed among the token families
-    assert trpts.get_token_config(model) is None
+def test_siglip_token_selection_pools_over_the_patches_tokens_stand_for(classifier):
+    """rho = 1 exact and batch independence; at rho < 1 the pooled output equals the model's own
+    pooling over the tokens repeated by their sizes (attention pool: log(size) on its logits)."""
+    check_tokens(lambda: make_siglip(classifier))
+    model = make_siglip(classifier).eval()
+    backbone = get_adapter(model).backbone(model)
+    x = batches(n=1, batch_size=3)[0][0]
+    trpts.wrap_vit(model, rho=0.5, layers=[0, 1])
+    assert trpts.get_token_config(model).score == "mean" and trpts.get_token_config(model).num_prefix_tokens == 0
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        tokens = backbone(pixel_values=x).last_hidden_state
+        sizes = trpts.token_sizes(model)
+        expanded = [expand_by_sizes(t, s, 0)[None] for t, s in zip(tokens, sizes, strict=True)]
+        if classifier:
+            pooled = torch.cat([e.mean(1) for e in expanded])
+            expected = torch.nn.functional.linear(pooled, model.classifier.weight, model.classifier.bias)
+            got = out.logits
+        else:
+            expected = torch.cat([backbone.head(e) for e in expanded])  # no mask: sizes do not match e
+            got = out.pooler_output
+    assert tokens.shape[1] == 4 + 1 and bool((sizes[:, -1] > 1).all())  # 16 -> 8 + 1 -> 4 + 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(trpts.TrptsValueError, match="score='cls' is not available"):
+        trpts.wrap_vit(make_siglip(classifier), layers=[0], score="cls")
+    trpts.unwrap_vit(model)
+    assert not backbone._forward_hooks and not backbone.head.attention._forward_pre_hooks

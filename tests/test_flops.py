@@ -109,3 +109,25 @@ def test_analytic_flops_match_on_beit(kwargs):
         trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
         assert trpts.count_flops(model, size) == _measured(model, size)
         trpts.unwrap_vit(model)
+
+
+@pytest.mark.parametrize("which", ["siglip-vision", "siglip-classifier", "dinov2-classifier", "dinov2-reg-classifier"])
+def test_analytic_flops_match_on_hugging_face_pooled_models(which):
+    from test_family_hf_dinov2 import make_dinov2
+    from test_family_hf_siglip import make_siglip
+
+    model = {"siglip-vision": lambda: make_siglip(False), "siglip-classifier": lambda: make_siglip(True),
+             "dinov2-classifier": lambda: make_dinov2("cls", depth=3),
+             "dinov2-reg-classifier": lambda: make_dinov2("reg-cls", depth=3)}[which]().eval()
+    _explicit_attention(model)
+    size = (2, 3, IMG, IMG)
+    assert trpts.count_flops(model, size) == _measured(model, size)
+    trpts.wrap_vit(model, rho=0.5, layers=[0, 1])
+    assert trpts.count_flops(model, size) == _measured(model, size)
+
+
+def test_patch_count_of_string_paddings():
+    from trpts.flops import _patches
+
+    assert _patches(torch.nn.Conv2d(3, 4, 4, stride=4, padding="valid"), 16, 12) == 4 * 3
+    assert _patches(torch.nn.Conv2d(3, 4, 3, padding="same"), 10, 12) == 120

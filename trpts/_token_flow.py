@@ -30,10 +30,11 @@ class TokenFlow:
     track_positions: bool = False
     sizes: Tensor | None = None
     positions: Tensor | None = None
+    output: Tensor | None = None  # the backbone's output tokens, for heads that need them
 
     def reset(self, *_: Any) -> None:
         """Forget the previous pass (a forward pre-hook of the first block)."""
-        self.sizes = self.positions = None
+        self.sizes = self.positions = self.output = None
 
     def current(self, batch: int, n: int) -> tuple[Tensor | None, Tensor | None]:
         """``(sizes, positions)`` for ``n`` non-prefix tokens of ``batch`` samples, or ``None``
@@ -58,7 +59,7 @@ class TokenFlow:
             self.positions = torch.cat([positions.gather(1, kept), kept.new_full((b, 1), -1)], dim=1)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry no tensors of a pass
-        return {"track_positions": self.track_positions, "sizes": None, "positions": None}
+        return {"track_positions": self.track_positions, "sizes": None, "positions": None, "output": None}
 
 
 def weighted_mean(tokens: Tensor, sizes: Tensor) -> Tensor:

@@ -28,9 +28,11 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
 def _patches(conv: nn.Module, height: int, width: int) -> int:
     if not isinstance(conv, nn.Conv2d):
         raise TrptsValueError(f"the patch embedding is a {type(conv).__name__}, not an nn.Conv2d")
+    if conv.padding == "same":  # PyTorch allows it with stride 1 only: the size is kept
+        return height * width
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
     dims = []
-    for size, k, s, p, d in zip((height, width), conv.kernel_size, conv.stride, conv.padding,
-                                conv.dilation, strict=True):
+    for size, k, s, p, d in zip((height, width), conv.kernel_size, conv.stride, padding, conv.dilation, strict=True):
         dims.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
     return dims[0] * dims[1]
 

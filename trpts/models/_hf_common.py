@@ -10,13 +10,17 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
+
+from .._token_flow import TokenFlow, log_sizes, weighted_mean
 
 from ..errors import TrptsValueError
 from ._hf_config import HFConfigMixin
-from .base import ModelAdapter, TokenAdapter, has_parameters
+from .base import ModelAdapter, Removable, TokenAdapter, has_parameters
 from .hf_vit import HFViTAdapter
 
 #: Block names of every layout: ``layers.i`` (transformers >= 5.9 ViT family), ``encoder.layer.i``
@@ -117,3 +121,62 @@ class HFVisionTokenAdapter(HFVisionAdapter, TokenAdapter):
 
     def attention_and_mlp(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
         return self._attention(block), block.mlp
+
+
+# ---- size-aware pooling of Hugging Face heads (forward hooks: no Hugging Face code is copied) ----
+@dataclass
+class _KeepTokens:
+    """Forward hook of a backbone: keeps its ``last_hidden_state`` for a size-aware head."""
+
+    flow: TokenFlow
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.flow.output = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+@dataclass
+class _SizeWeightedMeanInput:
+    """Forward pre-hook of a classifier whose input ends with the mean of the patch tokens (the
+    last ``width`` features): replaces that mean by the size-weighted one."""
+
+    flow: TokenFlow
+    num_prefix_tokens: int
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        tokens, x = self.flow.output, args[0]
+        if tokens is None or x.ndim != 2 or x.shape[0] != tokens.shape[0]:
+            return None
+        sizes, _ = self.flow.current(tokens.shape[0], tokens.shape[1] - self.num_prefix_tokens)
+        if sizes is None:
+            return None
+        mean = weighted_mean(tokens[:, self.num_prefix_tokens:], sizes).to(x.dtype)
+        return (torch.cat([x[:, :x.shape[1] - mean.shape[1]], mean], dim=1), *args[1:])
+
+
+@dataclass
+class _LogSizeMask:
+    """Forward pre-hook of a batch-first ``nn.MultiheadAttention`` pooling head: adds ``log(size)``
+    of every key token to the logits (as its ``attn_mask``)."""
+
+    flow: TokenFlow
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
+        sizes, _ = self.flow.current(key.shape[0], key.shape[1])
+        if sizes is None:
+            return None
+        b, heads, length = key.shape[0], module.num_heads, query.shape[1]
+        mask = log_sizes(sizes).expand(b, heads, length, -1).reshape(b * heads, length, -1)
+        return args, {**kwargs, "attn_mask": mask.to(query.dtype)}
+
+
+def size_weighted_classifier(backbone: nn.Module, classifier: nn.Module, flow: TokenFlow,
+                             num_prefix_tokens: int) -> list[Removable]:
+    """Hooks making ``classifier``'s patch-mean input size-weighted (see ``_SizeWeightedMeanInput``)."""
+    return [backbone.register_forward_hook(_KeepTokens(flow)),
+            classifier.register_forward_pre_hook(_SizeWeightedMeanInput(flow, num_prefix_tokens))]
+
+
+def log_size_attention_pool(attention: nn.Module, flow: TokenFlow) -> list[Removable]:
+    """A hook adding ``log(size)`` to a batch-first ``nn.MultiheadAttention`` pool's logits."""
+    return [attention.register_forward_pre_hook(_LogSizeMask(flow), with_kwargs=True)]

@@ -2,9 +2,10 @@
 ``Dinov2WithRegistersModel`` / ``Dinov2WithRegistersForImageClassification`` (LayerScale, register
 tokens).
 
-Token selection runs on the bare models (pooled by [CLS]); the register tokens follow [CLS] and are
-prefix tokens, never merged. The ``...ForImageClassification`` classifiers read [CLS] *and* the mean
-of the patch tokens, which merged tokens would bias, so they are refused for now.
+Token selection: the register tokens follow [CLS] and are prefix tokens, never merged. The bare
+models are pooled by [CLS]; the ``...ForImageClassification`` classifiers read [CLS] and the mean of
+the patch tokens, which becomes the size-weighted mean (a forward hook on the classifier,
+docs/tokens.md).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import TrptsValueError
-from ._hf_common import HFVisionTokenAdapter, refuse_masks
-from .base import BlockForward
+from ._hf_common import HFVisionTokenAdapter, refuse_masks, size_weighted_classifier
+from .base import BlockForward, Removable
 
 
 def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -39,7 +39,7 @@ def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_ma
 class HFDinov2Adapter(HFVisionTokenAdapter):
     family = "hf-dinov2"
     description = ("Hugging Face Dinov2Model / Dinov2ForImageClassification and the WithRegisters "
-                   "variants (LayerScale, register tokens; token selection on the bare models)")
+                   "variants (LayerScale, register tokens; [CLS] + size-weighted patch mean)")
 
     _CLASSES = ("Dinov2Model", "Dinov2ForImageClassification",
                 "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
@@ -50,15 +50,17 @@ class HFDinov2Adapter(HFVisionTokenAdapter):
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self.backbone(model).embeddings.patch_embeddings.projection
 
-    def check_token_support(self, model: nn.Module) -> None:
-        name = type(model).__name__
-        if name.endswith("ForImageClassification"):
-            raise TrptsValueError(
-                f"token selection on {name} is not supported yet: its classifier reads the [CLS] token "
-                "and the mean of the patch tokens, and a mean over merged tokens would count each merged "
-                f"token as one patch. Use {name.replace('ForImageClassification', 'Model')} (pooled by "
-                "[CLS]) with your own head, or parameter selection only"
-            )
+    def patch_pooling(self, model: nn.Module) -> list[Removable]:
+        if not type(model).__name__.endswith("ForImageClassification"):
+            return []  # the bare models are pooled by [CLS]
+        return size_weighted_classifier(self.backbone(model), model.classifier, model._trpts_flow,
+                                        self.num_prefix_tokens(model))
+
+    def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
+        flops = super().pool_flops(model, num_tokens, reduced)
+        if reduced and type(model).__name__.endswith("ForImageClassification"):
+            flops += 2 * (num_tokens - self.num_prefix_tokens(model)) * self.backbone(model).config.hidden_size
+        return flops
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         registers = getattr(self.backbone(model).embeddings, "register_tokens", None)
