@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from .._token_flow import TokenFlow, log_sizes, weighted_mean
-
 from ..errors import TrptsValueError
 from ._hf_config import HFConfigMixin
 from .base import ModelAdapter, Removable, TokenAdapter, has_parameters
