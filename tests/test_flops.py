@@ -18,7 +18,9 @@ def _explicit_attention(model):
 
 
 def _measured(model, size):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """FlopCounterMode's count of one forward (gradients on: the counter's module tracker cannot
+    follow timm's AttentionPoolLatent expanding its latent under no_grad)."""
+    with FlopCounterMode(display=False) as counter:
         model(torch.randn(*size))
     return counter.get_total_flops()
 
@@ -35,6 +37,16 @@ def test_analytic_flops_match_flop_counter(family, wrap):
     assert trpts.count_flops(model, size) == _measured(model, size)
 
 
+def _check_scores(model, scores):
+    """count_flops equals FlopCounterMode dense and wrapped with every score in ``scores``."""
+    size = (2, 3, IMG, IMG)
+    assert trpts.count_flops(model, size) == _measured(model, size)
+    for score in scores:
+        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
+        assert trpts.count_flops(model, size) == _measured(model, size)
+        trpts.unwrap_vit(model)
+
+
 def test_token_counts_and_savings():
     model = MODEL_FACTORIES["timm"]()
     dense = trpts.count_flops(model, (1, 3, IMG, IMG))
@@ -47,27 +59,17 @@ def test_token_counts_and_savings():
 
 @pytest.mark.parametrize("kwargs", [dict(global_pool="avg"), dict(global_pool="avg", class_token=False),
                                     dict(global_pool="map"), dict(model_name="vit_base_patch16_siglip_224"),
-                                    dict(global_pool="")], ids=["avg", "avg-no-cls", "map", "siglip", "none"])
+                                    dict(global_pool=""), dict(global_pool="avg", pool_include_prefix=True),
+                                    dict(global_pool="map", pool_include_prefix=True)],
+                         ids=["avg", "avg-no-cls", "map", "siglip", "none", "avg-with-prefix", "map-with-prefix"])
 def test_analytic_flops_match_on_pooled_vits_for_every_score(kwargs):
     """Attention pooling, the size-weighted mean, a head on every token and both token scores
-    are counted as FlopCounterMode counts them (measured with gradients on: the counter's module
-    tracker cannot follow AttentionPoolLatent's expanded latent under no_grad)."""
+    are counted as FlopCounterMode counts them."""
     from conftest import make_timm_vit
 
     model = make_timm_vit(depth=3, **kwargs).eval()
     _explicit_attention(model)
-    size = (2, 3, IMG, IMG)
-
-    def measured():
-        with FlopCounterMode(display=False) as counter:
-            model(torch.randn(*size))
-        return counter.get_total_flops()
-
-    assert trpts.count_flops(model, size) == measured()
-    for score in ("cls", "mean") if model.cls_token is not None else ("mean",):
-        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
-        assert trpts.count_flops(model, size) == measured()
-        trpts.unwrap_vit(model)
+    _check_scores(model, ("cls", "mean") if model.cls_token is not None else ("mean",))
 
 
 @pytest.mark.parametrize("name, kwargs", [("eva02_tiny_patch14_224", dict(global_pool="token")),
@@ -80,18 +82,7 @@ def test_analytic_flops_match_on_eva(name, kwargs):
 
     model = make_timm_eva(name, **kwargs)
     _explicit_attention(model)
-    size = (2, 3, IMG, IMG)
-
-    def measured():
-        with FlopCounterMode(display=False) as counter:
-            model(torch.randn(*size))
-        return counter.get_total_flops()
-
-    assert trpts.count_flops(model, size) == measured()
-    for score in ("cls", "mean"):
-        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
-        assert trpts.count_flops(model, size) == measured()
-        trpts.unwrap_vit(model)
+    _check_scores(model, ("cls", "mean"))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(global_pool="token", use_shared_rel_pos_bias=True),
@@ -103,12 +94,7 @@ def test_analytic_flops_match_on_beit(kwargs):
     model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=4, embed_dim=32,
                               depth=3, num_heads=2, num_classes=5, **kwargs).eval()
     _explicit_attention(model)
-    size = (2, 3, IMG, IMG)
-    assert trpts.count_flops(model, size) == _measured(model, size)
-    for score in ("cls", "mean"):
-        trpts.wrap_vit(model, rho=0.5, layers=[0, 2], score=score)
-        assert trpts.count_flops(model, size) == _measured(model, size)
-        trpts.unwrap_vit(model)
+    _check_scores(model, ("cls", "mean"))
 
 
 @pytest.mark.parametrize("which", ["siglip-vision", "siglip-classifier", "dinov2-classifier", "dinov2-reg-classifier"])

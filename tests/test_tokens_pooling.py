@@ -193,6 +193,31 @@ def test_unsupported_pools_are_refused_before_anything_is_patched(pool):
     assert not hasattr(model.blocks[0], "_trpts_tokens") and not model.blocks[0]._forward_pre_hooks
 
 
+def check_against_reference(model, reference, score, layers=(0, 1), rho=0.5):
+    """The wrapped model against ``reference`` (a block-by-block reference): rho = 1 exact, the
+    final tokens (a wrong position row moves them by ~1e-3 here, the tiny logits far less), the
+    logits of the model's own head over the tokens repeated by their sizes, batch independence;
+    unwrapping restores the dense model."""
+    x, p = make_batches(1, 3)[0][0], model.num_prefix_tokens
+    with torch.no_grad():
+        dense = model(x)
+        torch.testing.assert_close(reference(model, x, [], rho), dense, rtol=1e-4, atol=1e-5)
+        tokens, sizes = reference(model, x, list(layers), rho, score, return_tokens=True)
+        expected = torch.cat([model.forward_head(expand_by_sizes(t, s, p)[None])
+                              for t, s in zip(tokens, sizes, strict=True)])
+        trpts.wrap_vit(model, rho=1.0, layers=layers, score=score)
+        assert torch.equal(model(x), dense)
+        trpts.wrap_vit(trpts.unwrap_vit(model), rho=rho, layers=layers, score=score)
+        out, features = model(x), model.forward_features(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(features, tokens.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, out, rtol=1e-5, atol=1e-5)
+    trpts.unwrap_vit(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), dense)
+
+
 # ---- EVA-02: rotary position embedding ----------------------------------------------------------
 EVA = {  # id -> (timm model, kwargs, score)
     "eva02-cls": ("eva02_tiny_patch14_224", dict(global_pool="token"), "cls"),
@@ -213,28 +238,8 @@ def test_eva_matches_a_block_by_block_reference_with_rope_at_original_positions(
     from token_reference import eva_hand_forward
 
     model = make_eva(name, kwargs)
-    x = make_batches(1, 3)[0][0]
-    layers, rho, p = [0, 1], 0.5, model.num_prefix_tokens
-    with torch.no_grad():
-        dense = model(x)
-        torch.testing.assert_close(eva_hand_forward(model, x, [], rho), dense, rtol=1e-4, atol=1e-5)
-        tokens, sizes = eva_hand_forward(model, x, layers, rho, score, return_tokens=True)
-        expected = torch.cat([model.forward_head(expand_by_sizes(t, s, p)[None])
-                              for t, s in zip(tokens, sizes, strict=True)])
-        trpts.wrap_vit(model, rho=1.0, layers=layers, score=score)
-        assert torch.equal(model(x), dense)  # rho = 1 is exact
-        trpts.wrap_vit(trpts.unwrap_vit(model), rho=rho, layers=layers, score=score)
-        out = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
-        features = model.forward_features(x)
-    # the features first: a wrong rotary row moves them by ~1e-3 here, the tiny logits far less
-    torch.testing.assert_close(features, tokens.float(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(alone, out, rtol=1e-5, atol=1e-5)
-    trpts.unwrap_vit(model)
+    check_against_reference(model, eva_hand_forward, score)
     assert all(not b.attn._forward_pre_hooks for b in model.blocks) and "pool" not in vars(model)
-    with torch.no_grad():
-        assert torch.equal(model(x), dense)
 
 
 def test_eva_compiles_and_trains_under_autocast():
@@ -290,26 +295,8 @@ def test_beit_matches_a_block_by_block_reference_with_gathered_bias(kwargs, scor
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused
-    x = make_batches(1, 3)[0][0]
-    layers, rho, p = [0, 1], 0.5, model.num_prefix_tokens
-    with torch.no_grad():
-        dense = model(x)
-        torch.testing.assert_close(beit_hand_forward(model, x, [], rho), dense, rtol=1e-4, atol=1e-5)
-        tokens, sizes = beit_hand_forward(model, x, layers, rho, score, return_tokens=True)
-        expected = torch.cat([model.forward_head(expand_by_sizes(t, s, p)[None])
-                              for t, s in zip(tokens, sizes, strict=True)])
-        trpts.wrap_vit(model, rho=1.0, layers=layers, score=score)
-        assert torch.equal(model(x), dense)  # rho = 1 is exact
-        trpts.wrap_vit(trpts.unwrap_vit(model), rho=rho, layers=layers, score=score)
-        out, features = model(x), model.forward_features(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
-    torch.testing.assert_close(features, tokens.float(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(alone, out, rtol=1e-5, atol=1e-5)
-    trpts.unwrap_vit(model)
+    check_against_reference(model, beit_hand_forward, score)
     assert all("forward" not in vars(b.attn) and "_trpts_relpos" not in vars(b.attn) for b in model.blocks)
-    with torch.no_grad():
-        assert torch.equal(model(x), dense)
 
 
 def test_beit_trains_under_autocast_and_compiles():

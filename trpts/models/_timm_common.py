@@ -80,3 +80,24 @@ class TimmBlocksAdapter(ModelAdapter):
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
         return type(model).__name__ + (f":{arch}" if arch else "")
+
+
+def pooling_flops(model: nn.Module, heads: list[nn.Module], num_tokens: int, reduced: bool, pooled: int) -> int:
+    """FLOPs a timm model's pooling adds to one-token head linears, for one image whose last block
+    outputs ``num_tokens`` tokens of which the pooling reads ``pooled``: an attention pool (``kv``
+    on those tokens, the latent queries' ``q k^T`` and ``A v``), the size-weighted mean of a
+    reduced pass, or the head on every token (``global_pool=''``)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        latent = int(pool.latent_len)
+        flops = 4 * latent * pooled * pool.q.out_features
+        for m in pool.modules():
+            if isinstance(m, nn.Linear):
+                flops += 2 * ((pooled if m is pool.kv else latent) - 1) * m.in_features * m.out_features
+        return flops
+    if model.global_pool == "avg":
+        return 2 * pooled * model.embed_dim if reduced else 0
+    if not model.global_pool:
+        return sum(2 * (num_tokens - 1) * m.in_features * m.out_features
+                   for head in heads for m in head.modules() if isinstance(m, nn.Linear))
+    return 0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._token_flow import TokenFlow, weighted_mean
 from ..errors import TrptsValueError
-from ._timm_common import TimmBlocksAdapter
+from ._timm_common import TimmBlocksAdapter, pooling_flops
 from .base import BlockForward, Removable, Restore, TokenAdapter
 
 
@@ -154,13 +154,8 @@ class TimmBeitAdapter(TimmBlocksAdapter, TokenAdapter):
         return _reducing_block_forward
 
     def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
-        flops = super().pool_flops(model, num_tokens, reduced)
-        if reduced and model.global_pool == "avg":
-            flops += 2 * (num_tokens - self.num_prefix_tokens(model)) * model.embed_dim
-        elif not model.global_pool:
-            flops += sum(2 * (num_tokens - 1) * m.in_features * m.out_features
-                         for head in self.heads(model) for m in head.modules() if isinstance(m, nn.Linear))
-        return flops
+        return super().pool_flops(model, num_tokens, reduced) + pooling_flops(
+            model, self.heads(model), num_tokens, reduced, num_tokens - self.num_prefix_tokens(model))
 
 
 def _size_aware_forward_head(self: nn.Module, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._token_flow import TokenFlow, pool_by_size
 from ..errors import TrptsValueError
-from ._timm_common import TimmBlocksAdapter
+from ._timm_common import TimmBlocksAdapter, pooling_flops
 from .base import BlockForward, Removable, Restore, TokenAdapter, pool_linear_weights
 
 POOLS = ("token", "avg", "map", "")
@@ -171,21 +171,10 @@ class TimmEvaAdapter(TimmBlocksAdapter, TokenAdapter):
         return _reducing_post_norm_forward if type(block) is EvaBlockPostNorm else _reducing_block_forward
 
     def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
-        """Adds attention pooling over every token (prefix included) and the size-weighted mean."""
-        flops = super().pool_flops(model, num_tokens, reduced)
-        pool = getattr(model, "attn_pool", None)
-        if pool is not None:
-            latent = int(pool.latent_len)
-            for m in pool.modules():
-                if isinstance(m, nn.Linear):
-                    flops += 2 * ((num_tokens if m is pool.kv else latent) - 1) * m.in_features * m.out_features
-            flops += 4 * latent * num_tokens * pool.q.out_features
-        elif reduced and model.global_pool == "avg":
-            flops += 2 * (num_tokens - self.num_prefix_tokens(model)) * model.embed_dim
-        elif not model.global_pool:
-            flops += sum(2 * (num_tokens - 1) * m.in_features * m.out_features
-                         for head in self.heads(model) for m in head.modules() if isinstance(m, nn.Linear))
-        return flops
+        """Eva's attention pool reads every token, prefix included; its mean only the patches."""
+        pooled = num_tokens if model.attn_pool is not None else num_tokens - self.num_prefix_tokens(model)
+        return super().pool_flops(model, num_tokens, reduced) + pooling_flops(
+            model, self.heads(model), num_tokens, reduced, pooled)
 
 
 def _same(t: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._token_flow import pool_by_size
 from ..errors import TrptsValueError
-from ._timm_common import TimmBlocksAdapter
+from ._timm_common import TimmBlocksAdapter, pooling_flops
 from .base import (
     BlockForward,
     Removable,
@@ -75,24 +75,9 @@ class TimmViTAdapter(TimmBlocksAdapter, TokenAdapter):
         return [Restore(model, ["pool"])]
 
     def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
-        """Adds attention pooling (``kv`` on every patch token, the latent queries' ``q k^T`` and
-        ``A v``), the size-weighted mean of a reduced pass, or the head on every token
-        (``global_pool=''``)."""
-        flops = super().pool_flops(model, num_tokens, reduced)
-        n = num_tokens - self.num_prefix_tokens(model)
-        pool = getattr(model, "attn_pool", None)
-        if pool is not None:
-            latent = int(pool.latent_len)
-            for m in pool.modules():
-                if isinstance(m, nn.Linear):
-                    flops += 2 * ((n if m is pool.kv else latent) - 1) * m.in_features * m.out_features
-            flops += 4 * latent * n * pool.q.out_features
-        elif reduced and model.global_pool == "avg":
-            flops += 2 * n * model.embed_dim
-        elif not model.global_pool:  # the head runs on every token
-            flops += sum(2 * (num_tokens - 1) * m.in_features * m.out_features
-                         for head in self.heads(model) for m in head.modules() if isinstance(m, nn.Linear))
-        return flops
+        pooled = num_tokens if model.pool_include_prefix else num_tokens - self.num_prefix_tokens(model)
+        return super().pool_flops(model, num_tokens, reduced) + pooling_flops(
+            model, self.heads(model), num_tokens, reduced, pooled)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
