@@ -234,10 +234,11 @@ def wrap_vit(
     Args:
         model: a ViT whose family adapter supports tokens: timm ``VisionTransformer`` (pooled by
             [CLS], ``'avg'``, SigLIP-style ``'map'`` or not at all; with or without a class
-            token; DeiT distilled; register tokens; LayerScale; qk_norm), Hugging Face ViT, DeiT
-            (with teacher too), bare DINOv2 (with registers too) and CLIP vision
-            (docs/models.md); DDP / compile wrappers are looked through. Other models raise
-            :class:`~trpts.UnsupportedModelError` saying why.
+            token; DeiT distilled; register tokens; LayerScale; qk_norm), timm ``Eva`` (EVA-02,
+            RoPE) and ``Beit`` (relative position bias), Hugging Face ViT, DeiT (with teacher
+            too), DINOv2 (with registers, classifiers too), CLIP and SigLIP vision
+            (docs/models.md, docs/tokens.md); DDP / compile wrappers are looked through. Other
+            models raise :class:`~trpts.UnsupportedModelError` saying why.
         selection: a :class:`~trpts.Selection` for ``placement="sparse"`` / ``"dense"``.
         rho: select rate in ``(0, 1]`` (eq. 9).
         layers: explicit reducing block indices (overrides ``num_layers``/``placement``).
