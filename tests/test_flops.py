@@ -97,14 +97,19 @@ def test_analytic_flops_match_on_beit(kwargs):
     _check_scores(model, ("cls", "mean"))
 
 
-@pytest.mark.parametrize("which", ["siglip-vision", "siglip-classifier", "dinov2-classifier", "dinov2-reg-classifier"])
+@pytest.mark.parametrize("which", ["siglip-vision", "siglip-classifier", "dinov2-classifier", "dinov2-reg-classifier",
+                                   "beit-mean-pool", "beit-classifier-bias"])
 def test_analytic_flops_match_on_hugging_face_pooled_models(which):
+    from test_family_hf_beit import make_beit
     from test_family_hf_dinov2 import make_dinov2
     from test_family_hf_siglip import make_siglip
 
     model = {"siglip-vision": lambda: make_siglip(False), "siglip-classifier": lambda: make_siglip(True),
              "dinov2-classifier": lambda: make_dinov2("cls", depth=3),
-             "dinov2-reg-classifier": lambda: make_dinov2("reg-cls", depth=3)}[which]().eval()
+             "dinov2-reg-classifier": lambda: make_dinov2("reg-cls", depth=3),
+             "beit-mean-pool": lambda: make_beit(False),
+             "beit-classifier-bias": lambda: make_beit(True, use_relative_position_bias=True,
+                                                       use_shared_relative_position_bias=True)}[which]().eval()
     _explicit_attention(model)
     size = (2, 3, IMG, IMG)
     assert trpts.count_flops(model, size) == _measured(model, size)

@@ -152,10 +152,7 @@ def beit_hand_forward(model, x, layers, rho, score="cls", return_tokens=False):
             full = full + a._get_rel_pos_bias()[0]
         if shared is not None:
             full = full + shared
-        tokens = [list(range(p)) + [p + j if j >= 0 else None for j in row] for row in positions]
-        rel = torch.stack([torch.stack([torch.stack([
-            full[:, r, c] if r is not None and c is not None and full.shape[1] > 1 else torch.zeros(a.num_heads)
-            for c in row]) for r in row]) for row in tokens]).permute(0, 3, 1, 2)  # (B, H, n, n)
+        rel = pair_bias_loop(full, positions, p)
         attn = ((q * a.scale) @ k.transpose(-1, -2) + rel).softmax(-1)
         y = a.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
         x = x + (blk.gamma_1 * y if blk.gamma_1 is not None else y)
@@ -167,3 +164,54 @@ def beit_hand_forward(model, x, layers, rho, score="cls", return_tokens=False):
         x = x + (blk.gamma_2 * m if blk.gamma_2 is not None else m)
     x = model.norm(x)
     return (x, sizes) if return_tokens else model.forward_head(x)
+
+
+def pair_bias_loop(full, positions, p):
+    """``(B, H, n, n)`` bias of each sample's tokens, looped: entry (a, b) of ``full`` ``(H, M, M)``
+    at the tokens' original places, 0 where either token is merged (or ``full`` is a zero scalar)."""
+    heads = full.shape[0]
+    tokens = [list(range(p)) + [p + j if j >= 0 else None for j in row] for row in positions]
+    return torch.stack([torch.stack([torch.stack([
+        full[:, r, c] if r is not None and c is not None and full.shape[1] > 1 else torch.zeros(heads)
+        for c in row]) for r in row]) for row in tokens]).permute(0, 3, 1, 2)
+
+
+def hf_beit_hand_forward(model, x, layers, rho, score="cls"):
+    """A Hugging Face ``BeitModel`` / ``BeitForImageClassification`` forward written out (eager
+    attention), reducing before the MLP of ``layers``, each token's relative position bias that of
+    its original patch (0 for merged tokens); the pooler's mean over the patches each token stands
+    for. Returns the pooled output (``BeitModel``) or the logits."""
+    backbone = getattr(model, "beit", model)
+    x_emb = backbone.embeddings(x)
+    window = (x.shape[2] // backbone.config.patch_size, x.shape[3] // backbone.config.patch_size)
+    n0 = x_emb.shape[1]
+    shared = (backbone.shared_position_bias(window, False, dim_size=n0)[0]
+              if backbone.shared_position_bias is not None else torch.zeros(1, 1, 1))
+    h_all, b, p = x_emb, x_emb.shape[0], 1
+    sizes = torch.ones(b, n0 - p, dtype=torch.float64)
+    positions = [list(range(n0 - p)) for _ in range(b)]
+    for i, layer in enumerate(backbone.layers):
+        a = layer.attention
+        full = shared + (layer.relative_position_bias(window, False, dim_size=n0)[0]
+                         if layer.relative_position_bias is not None else 0)
+        h = layer.layernorm_before(h_all)
+        n = h.shape[1]
+        q, k, v = (m(h).view(b, n, -1, a.head_dim).transpose(1, 2) for m in (a.q_proj, a.k_proj, a.v_proj))
+        logits = (q @ k.transpose(-1, -2)) * a.scaling
+        if full.shape[-1] > 1:
+            logits = logits + pair_bias_loop(full, positions, p)
+        y = a.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        h_all = h_all + layer.lambda_1 * y
+        if i in layers:
+            h_all, sizes, positions = loop_select_merge(h_all, reference_scores(q, k, a.scaling, p, score), rho, p,
+                                                        sizes, positions)
+            h_all = h_all.float()
+        h_all = h_all + layer.lambda_2 * layer.mlp(layer.layernorm_after(h_all))
+    seq = backbone.layernorm(h_all)
+    pooler = backbone.pooler
+    if pooler.layernorm is not None:
+        weights = (sizes / sizes.sum(1, keepdim=True)).float()
+        pooled = pooler.layernorm((weights.unsqueeze(-1) * seq[:, 1:]).sum(1))
+    else:
+        pooled = seq[:, 0]
+    return pooled if backbone is model else model.classifier(pooled)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TokenFlow", "log_sizes", "pool_by_size", "weighted_mean"]
+__all__ = ["TokenFlow", "gather_pair_bias", "log_sizes", "pool_by_size", "weighted_mean"]
 
 
 @dataclass
@@ -89,3 +89,27 @@ def pool_by_size(x: Tensor, sizes: Tensor, num_prefix_tokens: int, *, include_pr
     if attn_pool is not None:
         return attn_pool(tokens, attn_mask=log_sizes(sizes).to(x.dtype))
     return weighted_mean(tokens, sizes)
+
+
+def gather_pair_bias(bias: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
+    """A token-pair attention bias (relative position bias) at the tokens of a reduced pass.
+
+    Args:
+        bias: ``(H, M, M)`` or ``(1 or B, H, M, M)`` over the unreduced sequence (prefix first).
+        positions: ``(B, n - P)`` original patch index of each non-prefix token, -1 if merged.
+        num_prefix_tokens: P.
+
+    Returns:
+        ``(B, H, n, n)``: rows and columns of each token's original place; 0 in the rows and
+        columns of merged tokens (they have no single position).
+    """
+    b, p = positions.shape[0], num_prefix_tokens
+    prefix = torch.arange(p, device=positions.device).expand(b, p)
+    index = torch.cat([prefix, p + positions.clamp_min(0)], dim=1)  # (B, n)
+    n = index.shape[1]
+    bias = (bias if bias.ndim == 4 else bias.unsqueeze(0)).expand(b, -1, -1, -1)
+    heads = bias.shape[1]
+    rows = bias.gather(2, index[:, None, :, None].expand(b, heads, n, bias.shape[3]))
+    out = rows.gather(3, index[:, None, None, :].expand(b, heads, n, n))
+    merged = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), positions < 0], dim=1)
+    return out.masked_fill(merged[:, None, :, None] | merged[:, None, None, :], 0.0)

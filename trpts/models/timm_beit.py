@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._token_flow import TokenFlow, weighted_mean
+from .._token_flow import TokenFlow, gather_pair_bias, weighted_mean
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter, pooling_flops
 from .base import BlockForward, Removable, Restore, TokenAdapter
@@ -90,18 +90,9 @@ class _RelPos:
         return self.flow.current(batch, n - self.num_prefix_tokens)[1] is not None
 
     def gathered(self, bias: Tensor, batch: int, n: int) -> Tensor:
-        """``bias`` ``(H, M, M)`` or ``(1 or B, H, M, M)`` (prefix first) at the tokens of this pass: ``(B, H, n, n)``,
-        0 in the rows and columns of merged tokens."""
-        p = self.num_prefix_tokens
-        _, positions = self.flow.current(batch, n - p)
-        prefix = torch.arange(p, device=positions.device).expand(batch, p)
-        index = torch.cat([prefix, p + positions.clamp_min(0)], dim=1)  # (B, n)
-        bias = (bias if bias.ndim == 4 else bias.unsqueeze(0)).expand(batch, -1, -1, -1)
-        heads = bias.shape[1]
-        rows = bias.gather(2, index[:, None, :, None].expand(batch, heads, n, bias.shape[3]))
-        out = rows.gather(3, index[:, None, None, :].expand(batch, heads, n, n))
-        merged = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), positions < 0], dim=1)
-        return out.masked_fill(merged[:, None, :, None] | merged[:, None, None, :], 0.0)
+        """``bias`` at the tokens of this pass (see :func:`gather_pair_bias`)."""
+        _, positions = self.flow.current(batch, n - self.num_prefix_tokens)
+        return gather_pair_bias(bias, positions, self.num_prefix_tokens)
 
 
 class TimmBeitAdapter(TimmBlocksAdapter, TokenAdapter):
