@@ -97,7 +97,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict[str
         m.eval()
         tp, lat = timed(lambda: infer(x_tp)), timed(lambda: infer(x_lat))
         m.train()
-        return {"tp": tp, "lat": lat, "train": timed(train)}
+        return {"tp": tp, "lat": lat, "train": float("nan") if args.skip_train else timed(train)}
 
     dense_flops = trpts.count_flops(model, (1, 3, img, img))
     dense_tokens = trpts.token_counts(model, (3, img, img))[-1][1]
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--train-batch", type=int, default=None, help="batch for the training step (default: --batch)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast")
+    parser.add_argument("--skip-train", action="store_true", help="inference only (train columns: nan)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],
                         help="torch.compile both models with this mode (fullgraph, static shapes)")

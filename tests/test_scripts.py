@@ -61,8 +61,10 @@ def test_tokens_benchmark_quick(tmp_path, compile_mode):
 def test_tokens_benchmark_quick_on_pooled_and_position_dependent_families(tmp_path):
     models = ["vit_tiny_patch16_224:global_pool=avg,class_token=false", "eva02_tiny_patch14_224",
               "beit_base_patch16_224"]
-    _run("benchmarks/tokens.py", "--quick", "--no-progress", "--models", *models, "--json", str(tmp_path / "r.json"))
+    _run("benchmarks/tokens.py", "--quick", "--no-progress", "--skip-train", "--models", *models,
+         "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert all(r["train step speed-up"] == "nanx" for r in rows if r["rho"] != "dense")
     assert [r["model"] for r in rows] == [m for m in models for _ in range(3)]
     assert [r["score"] for r in rows] == ["-", "mean", "mean", "-", "cls", "cls", "-", "cls", "cls"]
     assert all(float(r["FLOP speed-up"].rstrip("x")) > 1 for r in rows if r["rho"] != "dense")
