@@ -310,3 +310,33 @@ def test_beit_trains_under_autocast_and_compiles():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["timm-eva", "timm-beit", "hf-siglip", "hf-beit", "hf-dinov2"])
+def test_a_deep_copy_carries_positions_and_pooling_independently(family):
+    """Hooks and patches hold the model's token flow: a copy gets its own, so unwrapping the
+    original leaves the copy reducing, and unwrapping the copy restores it."""
+    import copy
+
+    from test_family_hf_beit import make_beit as make_hf_beit
+    from test_family_hf_dinov2 import make_dinov2
+    from test_family_hf_siglip import make_siglip
+
+    make = {"timm-eva": make_timm_eva, "timm-beit": lambda: make_beit({}),
+            "hf-siglip": lambda: make_siglip(True), "hf-beit": lambda: make_hf_beit(True, use_relative_position_bias=True),
+            "hf-dinov2": lambda: make_dinov2("cls")}[family]
+    model = make().eval()
+    x = make_batches(1, 2)[0][0]
+
+    def out(m):
+        o = m(x)
+        return o if torch.is_tensor(o) else o.logits
+
+    with torch.no_grad():
+        dense = out(model)
+        reduced = out(trpts.wrap_vit(model, rho=0.5, layers=[0, 1]))
+        clone = copy.deepcopy(model)
+        trpts.unwrap_vit(model)
+        torch.testing.assert_close(out(clone), reduced)
+        torch.testing.assert_close(out(trpts.unwrap_vit(clone)), dense)
+        assert torch.equal(out(model), dense)
