@@ -65,8 +65,10 @@ def test_beit_token_selection_matches_a_reference_with_gathered_bias(classifier,
         dense = model(pixel_values=x)
         out_of = (lambda o: o.logits) if classifier else (lambda o: o.pooler_output)
         torch.testing.assert_close(hf_beit_hand_forward(model, x, [], 0.5), out_of(dense), rtol=1e-4, atol=1e-5)
-        expected = hf_beit_hand_forward(model, x, [0, 1], 0.5)
-        trpts.wrap_vit(model, rho=0.5, layers=[0, 1])
+        trpts.wrap_vit(model, rho=0.5, layers=[0, 1])  # mean pooler: "mean" scores by default
+        score = trpts.get_token_config(model).score
+        assert score == ("mean" if model.config.use_mean_pooling else "cls")
+        expected = hf_beit_hand_forward(model, x, [0, 1], 0.5, score)
         out = out_of(model(pixel_values=x))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     trpts.unwrap_vit(model)

@@ -66,7 +66,7 @@ def test_tokens_benchmark_quick_on_pooled_and_position_dependent_families(tmp_pa
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert all(r["train step speed-up"] == "nanx" for r in rows if r["rho"] != "dense")
     assert [r["model"] for r in rows] == [m for m in models for _ in range(3)]
-    assert [r["score"] for r in rows] == ["-", "mean", "mean", "-", "cls", "cls", "-", "cls", "cls"]
+    assert [r["score"] for r in rows] == ["-", "mean", "mean"] * 3  # all three heads read the patch tokens
     assert all(float(r["FLOP speed-up"].rstrip("x")) > 1 for r in rows if r["rho"] != "dense")
 
 

@@ -58,9 +58,10 @@ def test_no_pooling_returns_every_token_and_their_sizes():
     model = _make(dict(global_pool=""))
     x = make_batches(1, 2)[0][0]
     with torch.no_grad():
-        tokens, sizes = hand_forward(model, x, [1], 0.5, "cls", return_tokens=True)
+        tokens, sizes = hand_forward(model, x, [1], 0.5, "mean", return_tokens=True)
         expected = model.forward_head(tokens)
-        trpts.wrap_vit(model, rho=0.5, layers=[1])
+        trpts.wrap_vit(model, rho=0.5, layers=[1])  # the head reads every token: "mean" by default
+        assert trpts.get_token_config(model).score == "mean"
         out = model(x)
     assert out.shape == (2, 1 + 8 + 1, model.num_classes)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

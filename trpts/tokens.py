@@ -246,8 +246,9 @@ def wrap_vit(
         placement: ``"sparse"`` (fewest selected weights, the paper's choice), ``"dense"``,
             or ``"random"`` (``seed``): the Table 5 ablation.
         score: which tokens to keep: ``"cls"`` ([CLS] attention, eq. 8), ``"mean"`` (attention
-            received from all queries; models without a [CLS] token) or ``"auto"`` (the
-            family's default for this model, docs/tokens.md).
+            received from all queries) or ``"auto"``: ``"cls"`` where the head reads the
+            [CLS] token, ``"mean"`` where it reads the patch tokens or there is no [CLS] token
+            (measured, docs/tokens.md).
 
     Each reducing block runs its own attention unchanged (fused SDPA included), then scores
     the tokens with its own queries and keys and reduces them before its MLP. Every token

@@ -18,6 +18,15 @@ from torch import Tensor, nn
 from ..errors import TrptsTypeError, TrptsValueError
 
 
+def scores_for(has_cls: bool, head_reads_cls: bool) -> tuple[str, ...]:
+    """The token scores a model can give, its default first: ``"cls"`` (eq. 8) where the head reads
+    the [CLS] token, ``"mean"`` where it reads the patch tokens (it kept a mean-pooled DINOv2 more
+    accurate, frozen and fine-tuned: docs/tokens.md) or there is no [CLS] token."""
+    if not has_cls:
+        return ("mean",)
+    return ("cls", "mean") if head_reads_cls else ("mean", "cls")
+
+
 class Removable(Protocol):
     """A hook handle, or anything else ``unwrap_vit`` undoes by calling ``remove()``."""
 
@@ -169,7 +178,8 @@ class TokenAdapter(ModelAdapter):
 
     def token_scores(self, model: nn.Module) -> tuple[str, ...]:
         """The token scores (:mod:`trpts.token_scores`) this model can give, the default first:
-        ``("cls", "mean")`` by default (a [CLS]-pooled model)."""
+        ``("cls", "mean")`` by default (a [CLS]-pooled model). A model whose head reads the patch
+        tokens puts ``"mean"`` first (measured: docs/tokens.md), one without [CLS] has only it."""
         return ("cls", "mean")
 
     def tracks_positions(self, model: nn.Module) -> bool:

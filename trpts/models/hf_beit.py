@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._token_flow import TokenFlow, gather_pair_bias, weighted_mean
 from ..errors import TrptsValueError
 from ._hf_common import HFVisionTokenAdapter
-from .base import BlockForward, Removable
+from .base import BlockForward, Removable, scores_for
 
 
 def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -95,6 +95,10 @@ class HFBeitAdapter(HFVisionTokenAdapter):
                 or not hasattr(block.attention, "q_proj") or not all(hasattr(block, p) for p in self._PARTS):
             raise TrptsValueError(f"hf-beit token selection needs the transformers 5.x BeitLayer layout; got "
                                   f"{type(block).__name__}({', '.join(named[1:])})")
+
+    def token_scores(self, model: nn.Module) -> tuple[str, ...]:
+        pooler = self.backbone(model).pooler
+        return scores_for(True, pooler is None or pooler.layernorm is None)
 
     def tracks_positions(self, model: nn.Module) -> bool:
         config = self.backbone(model).config

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._hf_common import HFVisionTokenAdapter, refuse_masks, size_weighted_classifier
-from .base import BlockForward, Removable
+from .base import BlockForward, Removable, scores_for
 
 
 def _reducing_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -49,6 +49,9 @@ class HFDinov2Adapter(HFVisionTokenAdapter):
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
         return self.backbone(model).embeddings.patch_embeddings.projection
+
+    def token_scores(self, model: nn.Module) -> tuple[str, ...]:
+        return scores_for(True, not type(model).__name__.endswith("ForImageClassification"))
 
     def patch_pooling(self, model: nn.Module) -> list[Removable]:
         if not type(model).__name__.endswith("ForImageClassification"):

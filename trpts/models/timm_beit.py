@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .._token_flow import TokenFlow, gather_pair_bias, weighted_mean
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter, pooling_flops
-from .base import BlockForward, Removable, Restore, TokenAdapter
+from .base import BlockForward, Removable, Restore, TokenAdapter, scores_for
 
 
 def _reducing_block_forward(self: nn.Module, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
@@ -103,6 +103,9 @@ class TimmBeitAdapter(TimmBlocksAdapter, TokenAdapter):
 
     def check_token_support(self, model: nn.Module) -> None:
         return None  # Beit pools by 'avg', 'token' or not at all: all supported
+
+    def token_scores(self, model: nn.Module) -> tuple[str, ...]:
+        return scores_for(True, model.global_pool == "token")
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)

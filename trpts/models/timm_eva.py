@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._token_flow import TokenFlow, pool_by_size
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter, pooling_flops
-from .base import BlockForward, Removable, Restore, TokenAdapter, pool_linear_weights
+from .base import BlockForward, Removable, Restore, TokenAdapter, pool_linear_weights, scores_for
 
 POOLS = ("token", "avg", "map", "")
 
@@ -119,7 +119,8 @@ class TimmEvaAdapter(TimmBlocksAdapter, TokenAdapter):
                                   "(patch_drop_rate > 0) or mixed-mode RoPE (rope_type='mixed') yet")
 
     def token_scores(self, model: nn.Module) -> tuple[str, ...]:
-        return ("cls", "mean") if getattr(model, "cls_token", None) is not None else ("mean",)
+        return scores_for(getattr(model, "cls_token", None) is not None,
+                          model.global_pool == "token" and getattr(model, "attn_pool", None) is None)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)

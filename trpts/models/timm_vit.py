@@ -17,6 +17,7 @@ from .base import (
     TokenAdapter,
     has_parameters,
     pool_linear_weights,
+    scores_for,
 )
 
 
@@ -66,7 +67,8 @@ class TimmViTAdapter(TimmBlocksAdapter, TokenAdapter):
             )
 
     def token_scores(self, model: nn.Module) -> tuple[str, ...]:
-        return ("cls", "mean") if getattr(model, "cls_token", None) is not None else ("mean",)
+        return scores_for(getattr(model, "cls_token", None) is not None,
+                          model.global_pool == "token" and getattr(model, "attn_pool", None) is None)
 
     def patch_pooling(self, model: nn.Module) -> list[Removable]:
         if getattr(model, "attn_pool", None) is None and model.global_pool != "avg":
