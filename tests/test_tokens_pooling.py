@@ -341,3 +341,22 @@ def test_a_deep_copy_carries_positions_and_pooling_independently(family):
         torch.testing.assert_close(out(clone), reduced)
         torch.testing.assert_close(out(trpts.unwrap_vit(clone)), dense)
         assert torch.equal(out(model), dense)
+
+
+@given(b=st.integers(1, 3), h=st.integers(1, 2), p=st.integers(0, 2), n=st.integers(1, 6), batched=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(deadline=None, max_examples=30)
+def test_gather_pair_bias_matches_a_loop(b, h, p, n, batched, seed):
+    from token_reference import pair_bias_loop
+
+    from trpts._token_flow import gather_pair_bias
+
+    g = torch.Generator().manual_seed(seed)
+    m = p + 6
+    bias = torch.randn(b if batched else 1, h, m, m, generator=g)
+    positions = torch.stack([torch.randperm(6, generator=g)[:n] for _ in range(b)])
+    positions[:, -1] = -1  # a merged token
+    out = gather_pair_bias(bias if batched or seed % 2 else bias[0], positions, p)
+    for i in range(b):
+        expected = pair_bias_loop(bias[i if batched else 0], [positions[i].tolist()], p)[0]
+        torch.testing.assert_close(out[i], expected)

@@ -106,10 +106,13 @@ def gather_pair_bias(bias: Tensor, positions: Tensor, num_prefix_tokens: int) ->
     b, p = positions.shape[0], num_prefix_tokens
     prefix = torch.arange(p, device=positions.device).expand(b, p)
     index = torch.cat([prefix, p + positions.clamp_min(0)], dim=1)  # (B, n)
-    n = index.shape[1]
-    bias = (bias if bias.ndim == 4 else bias.unsqueeze(0)).expand(b, -1, -1, -1)
-    heads = bias.shape[1]
-    rows = bias.gather(2, index[:, None, :, None].expand(b, heads, n, bias.shape[3]))
-    out = rows.gather(3, index[:, None, None, :].expand(b, heads, n, n))
+    n, m = index.shape[1], bias.shape[-1]
+    pairs = (index[:, :, None] * m + index[:, None, :]).flatten(1)  # (B, n * n) into the flat (M, M)
+    flat = bias.reshape(-1, bias.shape[-3], m * m)  # (1 or B, H, M * M)
+    if flat.shape[0] == 1:  # one table for the batch: one indexing, no (B, H, n, M) intermediate
+        out = flat[0][:, pairs].transpose(0, 1)
+    else:
+        out = flat.gather(2, pairs[:, None, :].expand(-1, flat.shape[1], -1))
     merged = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), positions < 0], dim=1)
+    out = out.view(b, -1, n, n)
     return out.masked_fill(merged[:, None, :, None] | merged[:, None, None, :], 0.0)
