@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TokenFlow", "gather_pair_bias", "log_sizes", "pool_by_size", "weighted_mean"]
+__all__ = ["TokenFlow", "gather_pair_bias", "gather_table_bias", "log_sizes", "pool_by_size", "weighted_mean"]
 
 
 @dataclass
@@ -91,6 +91,20 @@ def pool_by_size(x: Tensor, sizes: Tensor, num_prefix_tokens: int, *, include_pr
     return weighted_mean(tokens, sizes)
 
 
+def _pairs(positions: Tensor, num_prefix_tokens: int, m: int) -> tuple[Tensor, Tensor]:
+    """``(B, n * n)`` flat indices into an ``(M, M)`` table of each token pair's original places,
+    and the ``(B, n)`` merged-token flags (prefix first)."""
+    b, p = positions.shape[0], num_prefix_tokens
+    prefix = torch.arange(p, device=positions.device).expand(b, p)
+    index = torch.cat([prefix, p + positions.clamp_min(0)], dim=1)  # (B, n)
+    merged = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), positions < 0], dim=1)
+    return (index[:, :, None] * m + index[:, None, :]).flatten(1), merged
+
+
+def _zero_merged(out: Tensor, merged: Tensor) -> Tensor:
+    return out.masked_fill(merged[:, None, :, None] | merged[:, None, None, :], 0.0)
+
+
 def gather_pair_bias(bias: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
     """A token-pair attention bias (relative position bias) at the tokens of a reduced pass.
 
@@ -103,16 +117,21 @@ def gather_pair_bias(bias: Tensor, positions: Tensor, num_prefix_tokens: int) ->
         ``(B, H, n, n)``: rows and columns of each token's original place; 0 in the rows and
         columns of merged tokens (they have no single position).
     """
-    b, p = positions.shape[0], num_prefix_tokens
-    prefix = torch.arange(p, device=positions.device).expand(b, p)
-    index = torch.cat([prefix, p + positions.clamp_min(0)], dim=1)  # (B, n)
-    n, m = index.shape[1], bias.shape[-1]
-    pairs = (index[:, :, None] * m + index[:, None, :]).flatten(1)  # (B, n * n) into the flat (M, M)
+    m = bias.shape[-1]
+    pairs, merged = _pairs(positions, num_prefix_tokens, m)
     flat = bias.reshape(-1, bias.shape[-3], m * m)  # (1 or B, H, M * M)
     if flat.shape[0] == 1:  # one table for the batch: one indexing, no (B, H, n, M) intermediate
         out = flat[0][:, pairs].transpose(0, 1)
     else:
         out = flat.gather(2, pairs[:, None, :].expand(-1, flat.shape[1], -1))
-    merged = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), positions < 0], dim=1)
-    out = out.view(b, -1, n, n)
-    return out.masked_fill(merged[:, None, :, None] | merged[:, None, None, :], 0.0)
+    return _zero_merged(out.reshape(positions.shape[0], -1, merged.shape[1], merged.shape[1]), merged)
+
+
+def gather_table_bias(table: Tensor, index: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
+    """``gather_pair_bias`` of the bias ``table[index]`` (a relative position table ``(D, H)`` and its
+    ``(M, M)`` index), without building the ``(H, M, M)`` bias of the unreduced sequence."""
+    m = index.shape[-1]
+    pairs, merged = _pairs(positions, num_prefix_tokens, m)
+    out = table[index.reshape(-1)[pairs]]  # (B, n * n, H)
+    n = merged.shape[1]
+    return _zero_merged(out.permute(0, 2, 1).reshape(positions.shape[0], -1, n, n), merged)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._token_flow import TokenFlow, gather_pair_bias, weighted_mean
+from .._token_flow import TokenFlow, gather_pair_bias, gather_table_bias, weighted_mean
 from ..errors import TrptsValueError
 from ._timm_common import TimmBlocksAdapter, pooling_flops
 from .base import BlockForward, Removable, Restore, TokenAdapter, scores_for
@@ -56,10 +56,10 @@ def _position_aware_attention(self: nn.Module, x: Tensor, shared_rel_pos_bias: T
     relpos: _RelPos = self._trpts_relpos
     if relpos.state is not None:
         relpos.state.capture(q, k)
-    own = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
-    if relpos.gathering(b, n):
-        bias = own if shared_rel_pos_bias is None else shared_rel_pos_bias if own is None else own + shared_rel_pos_bias
-        own, shared_rel_pos_bias = None, relpos.gathered(bias, b, n)
+    if relpos.gathering(b, n):  # each token's bias at its original place, built from the table
+        own, shared_rel_pos_bias = None, relpos.gathered(self, shared_rel_pos_bias, b, n)
+    else:
+        own = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
     if self.fused_attn:
         bias = own if shared_rel_pos_bias is None else shared_rel_pos_bias if own is None else own + shared_rel_pos_bias
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
@@ -89,10 +89,17 @@ class _RelPos:
     def gathering(self, batch: int, n: int) -> bool:
         return self.flow.current(batch, n - self.num_prefix_tokens)[1] is not None
 
-    def gathered(self, bias: Tensor, batch: int, n: int) -> Tensor:
-        """``bias`` at the tokens of this pass (see :func:`gather_pair_bias`)."""
+    def gathered(self, attn: nn.Module, shared: Tensor | None, batch: int, n: int) -> Tensor:
+        """The attention's own bias plus ``shared`` at the tokens of this pass: ``(B, H, n, n)``
+        (see :func:`gather_table_bias`, :func:`gather_pair_bias`)."""
         _, positions = self.flow.current(batch, n - self.num_prefix_tokens)
-        return gather_pair_bias(bias, positions, self.num_prefix_tokens)
+        p, bias = self.num_prefix_tokens, None
+        if attn.relative_position_bias_table is not None:
+            bias = gather_table_bias(attn.relative_position_bias_table, attn.relative_position_index, positions, p)
+        if shared is not None:
+            shared = gather_pair_bias(shared, positions, p)
+            bias = shared if bias is None else bias + shared
+        return bias
 
 
 class TimmBeitAdapter(TimmBlocksAdapter, TokenAdapter):
