@@ -18,6 +18,7 @@ run "$PY" -m pytest -q --maxfail=5
 run "$PY" benchmarks/sparse_kernel.py --device cuda --dtype bfloat16 --batch 64 --no-progress --json "$OUT/sparse_kernel_bf16_b64.json"
 run "$PY" benchmarks/tokens.py --bf16 --batch 256 --train-batch 64 --models vit_base_patch16_224 --no-progress --json "$OUT/tokens_bf16_eager.json"
 run "$PY" benchmarks/tokens.py --bf16 --batch 256 --train-batch 64 --models vit_base_patch16_224 --rhos 0.7 0.5 --blocks 3 --compile max-autotune --no-progress --json "$OUT/tokens_bf16_max_autotune.json"
+run "$PY" benchmarks/tokens.py --bf16 --batch 256 --skip-train --models vit_base_patch16_224 "vit_base_patch16_224:global_pool=avg" vit_base_patch16_siglip_224 eva02_base_patch14_224 beit_base_patch16_224 --rhos 0.7 0.5 --blocks 3 --no-progress --json "$OUT/tokens_families_bf16.json"
 for b in 32 128; do
   run "$PY" benchmarks/training.py --bf16 --batches "$b" --rounds 2 --no-progress --json "$OUT/training_bf16_b$b.json"
 done
