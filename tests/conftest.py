@@ -136,3 +136,22 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nThe compatibility matrix in {', '.join(stale)} differs from what the tests verified:\n{matrix}"
               "Run TRPTS_UPDATE_MATRIX=1 python -m pytest to rewrite it.")
         session.exitstatus = 1
+
+
+def run_cli(*args: str):
+    """The ``trpts`` command line in this process (``trpts.cli.main``): ``returncode``, ``stdout``,
+    ``stderr`` like ``subprocess.run``. (A real ``python -m trpts`` process is tested once, in
+    test_lifecycle.py; each costs seconds of imports.)"""
+    import contextlib
+    import io
+    import types
+
+    from trpts import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:  # argparse: --help, unknown commands
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

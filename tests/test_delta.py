@@ -5,13 +5,11 @@ import json
 import os
 import random
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batches, make_hf_vit, make_timm_vit
+from conftest import make_batches, make_hf_vit, make_timm_vit, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -269,10 +267,7 @@ def test_cli_info_merge_and_errors(tmp_path):
     trained, _ = train_task(base, budget=0.005, steps=1, img=224)
     x = torch.randn(1, 3, 224, 224)
     delta = trpts.save_delta(trained, tmp_path / "task.safetensors")
-    cli = [sys.executable, "-m", "trpts.cli"]
-
-    def run(*args):
-        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=300)
+    run = run_cli
 
     helped = run("--help")
     assert helped.returncode == 0 and "info" in helped.stdout and "merge" in helped.stdout

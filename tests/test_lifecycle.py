@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_hf_vit, make_timm_vit
+from conftest import make_hf_vit, make_timm_vit, run_cli
 
 import trpts
 
@@ -241,7 +241,7 @@ def test_timm_identity_covers_image_size_heads_and_prefix_tokens(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "trpts", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
 
 
 def test_cli_merge_builds_the_stored_timm_architecture(tmp_path):

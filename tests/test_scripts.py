@@ -101,7 +101,10 @@ def test_sparse_kernel_benchmark_quick(tmp_path):
 
 
 def test_training_benchmark_quick(tmp_path):
-    _run("benchmarks/training.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    # every method kind and both storages, with tokens (the plain TR-PTS rows differ only by not wrapping)
+    methods = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "SHiRA (peft)", "Super-Tuning (peft)",
+               "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)"]
+    _run("benchmarks/training.py", "--quick", "--no-progress", "--methods", *methods, "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["method"] for r in rows][:3] == ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)"]
     assert rows[0]["time vs full"] == "1.00x" and rows[0]["memory vs full"] == "1.00x"
