@@ -18,17 +18,27 @@ def _run(*args: str, timeout: int = 300) -> str:
     return done.stdout
 
 
-def test_quickstart_runs_and_reports(tmp_path):
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """A cache directory holding the quickstart's source model (1 epoch), trained once here by the
+    function the scripts call, so the scripts below load it instead of each training it."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits_task
+
+    cache = tmp_path_factory.mktemp("digits-cache")
+    digits_task.pretrained_backbone(cache, epochs=1, progress=False)
+    assert list(cache.glob("digits-canvas-*-ep1.pt")), "the source model should be cached"
+    return cache
+
+
+def test_quickstart_runs_and_reports(digits_cache):
     out = _run("examples/quickstart.py", "--epochs", "1", "--source-epochs", "1", "--no-progress",
-               "--cache-dir", str(tmp_path))
+               "--cache-dir", str(digits_cache))
     for method in ("linear probe", "full fine-tuning", "TR-PTS params ", "TR-PTS params + tokens"):
         assert method in out
     assert "bit-identical to the pretrained backbone: yes" in out
     assert "predictions identical: yes" in out
-    assert list(tmp_path.glob("digits-canvas-*-ep1.pt")), "the source model should be cached"
-    again = _run("examples/quickstart.py", "--epochs", "1", "--source-epochs", "1", "--no-progress",
-                 "--cache-dir", str(tmp_path))
-    assert "loaded from" in again
+    assert "loaded from" in out  # the cached source model
 
 
 def test_selection_benchmark_quick(tmp_path):
@@ -77,8 +87,8 @@ def test_deltas_benchmark_quick(tmp_path):
     assert all(float(r["vs floor"].split("x")[0]) < 1.2 for r in rows)  # tiny model: the header weighs
 
 
-def test_accuracy_benchmark_quick(tmp_path):
-    out = _run("benchmarks/accuracy.py", "--quick", "--no-progress", "--cache-dir", str(tmp_path),
+def test_accuracy_benchmark_quick(tmp_path, digits_cache):
+    out = _run("benchmarks/accuracy.py", "--quick", "--no-progress", "--cache-dir", str(digits_cache),
                "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["method"] for r in rows] == [
