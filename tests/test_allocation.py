@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trpts
-from trpts.allocation import Selection
+from trpts.allocation import Selection, _row_topk, _top_counts
 
 # ---- strategies -------------------------------------------------------------------------
 
@@ -185,6 +185,47 @@ def test_layer_without_top_scores_counts_as_one_entry_not_division_by_zero():
 def test_ties_keep_lower_columns():
     selection = trpts.allocate_connections({"w": torch.ones(4, 10)}, c_min=3)
     assert selection.indices("w").tolist() == [[0, 1, 2]] * 4
+
+
+@st.composite
+def near_tied_scores(draw):
+    """Scores a few ulps apart, exact ties and both signed zeros, in tensors of 1..40 entries."""
+    up = [torch.tensor(draw(st.sampled_from([0.0, 1e-30, 1.0, 3.5e8])), dtype=torch.float32)]
+    for _ in range(3):
+        up.append(torch.nextafter(up[-1], torch.tensor(float("inf"))))
+    pool = [float(v) for v in up] + [0.0, -0.0]
+    n = draw(st.integers(1, 4))
+    return {f"t{i}": torch.tensor(draw(st.lists(st.sampled_from(pool), min_size=1, max_size=40)),
+                                  dtype=torch.float32).view(1, -1) for i in range(n)}
+
+
+@given(scores=near_tied_scores(), data=st.data())
+def test_global_top_counts_are_exact_in_any_chunking(scores, data):
+    """Eq. 3's per-tensor counts equal a full sort's (ties: tensor order, then flat index),
+    whatever the number of entries per histogram pass."""
+    total = sum(s.numel() for s in scores.values())
+    k = data.draw(st.integers(1, total))
+    entries = sorted((-abs(v), t, j) for t, s in enumerate(scores.values()) for j, v in enumerate(s.view(-1).tolist()))
+    expected = [0] * len(scores)
+    for _, t, _ in entries[:k]:
+        expected[t] += 1
+    for chunk in (1, 2, 5, 1 << 18):
+        assert list(_top_counts(scores, k, chunk).values()) == expected
+
+
+def test_row_topk_resolves_ties_only_where_the_cth_and_next_are_equal():
+    s = torch.tensor([[5.0, 1.0, 3.0, 3.0, 0.0],    # c-th (3.0) ties the next: lower column kept
+                      [0.0, 2.0, 2.0, 9.0, 2.0],    # three 2.0s for one place
+                      [4.0, 3.0, 2.0, 1.0, 0.0],    # no tie
+                      [-0.0, 0.0, 0.0, -0.0, 1.0]])  # signed zeros tie
+    assert _row_topk(s, 2).tolist() == [[0, 2], [1, 3], [0, 1], [0, 4]]
+    assert _row_topk(s, 5).tolist() == [list(range(5))] * 4
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 4, (64, 33), generator=g).float()
+    for c in (1, 7, 32):
+        order = torch.tensor([sorted(sorted(range(33), key=lambda j, row=row: (-row[j], j))[:c])
+                              for row in r.tolist()])
+        assert torch.equal(_row_topk(r, c), order)
 
 
 def test_cap_at_fan_in_and_proportions():

@@ -12,6 +12,19 @@ import trpts
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fisher_scores_on_the_cpu_for_a_cuda_model(per_sample):
+    dev = torch.device("cuda")
+    model = make_timm_vit(depth=2).to(dev)
+    data = [(x.to(dev), y.to(dev)) for x, y in make_batches(3, 4)]
+    kwargs = {"per_sample": per_sample, "progress": False}
+    on_gpu = trpts.compute_fisher(model, data, **kwargs)
+    on_cpu = trpts.compute_fisher(model, data, scores_device="cpu", **kwargs)
+    assert all(v.device.type == "cpu" for v in on_cpu.values())
+    for n, v in on_gpu.items():
+        torch.testing.assert_close(on_cpu[n], v.cpu(), rtol=1e-6, atol=0)
+
+
 def test_fisher_allocation_and_masks_on_cuda():
     dev = torch.device("cuda")
     model = make_timm_vit(depth=4).to(dev)

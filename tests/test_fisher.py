@@ -154,6 +154,26 @@ def test_float32_accumulation_for_bf16_model_and_autocast(batches):
     assert all(s.dtype == torch.float32 for s in fisher.values())
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_scores_device_holds_the_same_scores(timm_vit, batches, per_sample):
+    """``scores_device`` moves every gradient to the accumulators' device one tensor at a time;
+    the scores are those of the default placement, bit for bit (bf16 gradients included)."""
+    kwargs = {"per_sample": per_sample, "chunk_size": 3, "progress": False}
+    expected = trpts.compute_fisher(timm_vit, batches, **kwargs)
+    got = trpts.compute_fisher(timm_vit, batches, scores_device="cpu", **kwargs)
+    assert list(got) == list(expected)
+    assert all(got[n].device.type == "cpu" and torch.equal(got[n], expected[n]) for n in expected)
+    model = make_timm_vit().to(torch.bfloat16)
+    bf_batches = [(x.to(torch.bfloat16), y) for x, y in batches]
+    assert all(torch.equal(a, b) for a, b in zip(
+        trpts.compute_fisher(model, bf_batches, **kwargs).values(),
+        trpts.compute_fisher(model, bf_batches, scores_device=torch.device("cpu"), **kwargs).values(),
+        strict=True))
+    for bad in ("gpu7", "meta", 3.5):
+        with pytest.raises(trpts.TrptsValueError, match="scores_device"):
+            trpts.compute_fisher(timm_vit, batches, scores_device=bad, progress=False)
+
+
 def test_compiled_model_names_have_no_prefix(timm_vit, batches):
     fisher = trpts.compute_fisher(torch.compile(timm_vit), batches, progress=False)
     assert list(fisher) == trpts.default_scored_parameters(timm_vit)

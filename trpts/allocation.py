@@ -279,35 +279,62 @@ def _validate_scores(fisher: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], d
     return scores, shapes
 
 
-def _float_bits(s: Tensor) -> Tensor:
-    """Order-preserving int32 view of non-negative float32 scores (-0.0 folded into +0.0)."""
-    return s.view(torch.int32).reshape(-1) & 0x7FFFFFFF
+_CHUNK = 1 << 18  # scores per histogram pass: the int32 temporaries stay in cache
+_HIGH, _LOW = 1 << 15, 1 << 16  # buckets of the high 15 value bits, then of the low 16
 
 
-def _top_counts(scores: dict[str, Tensor], k: int) -> dict[str, int]:
-    """Per-tensor count of the global top-``k`` entries (eq. 3). Ties at the threshold go to
-    tensors in order, lower flat index first: exact and deterministic, without sorting."""
-    bits = {n: _float_bits(s) for n, s in scores.items()}  # non-negative floats order like ints
-    # Level 1: histogram of the high 15 value bits.
-    hist = torch.zeros(1 << 15, dtype=torch.int64)
-    for b in bits.values():
-        hist += torch.bincount((b >> 16).cpu(), minlength=1 << 15)
-    above = hist.flip(0).cumsum(0).flip(0)  # above[i] = #entries in buckets >= i
-    bucket = int((above >= k).nonzero().max())
-    need = k - (int(above[bucket + 1]) if bucket + 1 < above.numel() else 0)
-    # Level 2: histogram of the low 16 bits inside that bucket gives the exact threshold.
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for b in bits.values():
-        inside = b[(b >> 16) == bucket]
-        if inside.numel():
-            low += torch.bincount((inside & 0xFFFF).cpu(), minlength=1 << 16)
-    low_above = low.flip(0).cumsum(0).flip(0)
-    threshold = (bucket << 16) | int((low_above >= need).nonzero().max())
-    greater = {n: int((b > threshold).sum()) for n, b in bits.items()}
-    ties_left = k - sum(greater.values())
+def _bit_chunks(s: Tensor, chunk: int) -> Iterator[Tensor]:
+    """Order-preserving int32 views of ``s`` (non-negative float32), ``chunk`` entries at a
+    time, -0.0 folded into +0.0."""
+    flat = s.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        yield flat[start:start + chunk].view(torch.int32) & 0x7FFFFFFF
+
+
+def _histograms(scores: Mapping[str, Tensor], chunk: int, bucket: int | None = None) -> dict[str, Tensor]:
+    """Per tensor, int64 counts of the high 15 value bits (``bucket=None``, ``[2^15]``), or of
+    the low 16 bits of the entries whose high bits equal ``bucket`` (``[2^16]``)."""
+    hists: dict[str, Tensor] = {}
+    for n, s in scores.items():
+        hist = torch.zeros(_HIGH if bucket is None else _LOW, dtype=torch.int64, device=s.device)
+        for b in _bit_chunks(s, chunk):
+            if bucket is None:
+                hist += torch.bincount(b >> 16, minlength=_HIGH)
+            else:
+                inside = b[(b >> 16) == bucket]
+                if inside.numel():
+                    hist += torch.bincount(inside & 0xFFFF, minlength=_LOW)
+        hists[n] = hist.cpu()
+    return hists
+
+
+def _cut(hist: Tensor, k: int) -> tuple[int, int]:
+    """The highest bin ``i`` with at least ``k`` entries at or above it, and how many of the
+    ``k`` fall in bin ``i`` itself."""
+    above = hist.flip(0).cumsum(0).flip(0)  # above[i] = entries in bins >= i
+    i = int((above >= k).nonzero().max())
+    return i, k - (int(above[i + 1]) if i + 1 < above.numel() else 0)
+
+
+def _top_counts(scores: Mapping[str, Tensor], k: int, chunk: int = _CHUNK) -> dict[str, int]:
+    """Per-tensor count of the global top-``k`` entries (eq. 3) in two chunked passes over the
+    float bits, no sort and no full-size temporary: the high-bit histogram finds the bucket
+    holding the threshold, the low-bit histogram of that bucket the exact threshold. Ties at
+    the threshold go to tensors in order (then lower flat index): exact and deterministic."""
+    high = _histograms(scores, chunk)
+    bucket, need = _cut(sum(high.values()), k)
+    low = _histograms({n: s for n, s in scores.items() if int(high[n][bucket])}, chunk, bucket)
+    zeros = torch.zeros(_LOW, dtype=torch.int64)
+    cut, _ = _cut(sum(low.values(), zeros), need)
+    ties_left = k
+    greater: dict[str, int] = {}
+    for n in scores:
+        lo = low.get(n, zeros)
+        greater[n] = int(high[n][bucket + 1:].sum()) + int(lo[cut + 1:].sum())
+        ties_left -= greater[n]
     counts: dict[str, int] = {}
-    for n, b in bits.items():
-        take = min(int((b == threshold).sum()), ties_left)
+    for n in scores:
+        take = min(int(low.get(n, zeros)[cut]), ties_left)
         ties_left -= take
         counts[n] = greater[n] + take
     return counts
@@ -340,15 +367,17 @@ def _solve_scale(target: float, ratios: list[float], fan_ins: list[int], rows: l
 
 
 def _row_topk(s: Tensor, c: int) -> Tensor:
-    """Sorted column indices of each row's ``c`` highest scores; ties -> lower column."""
+    """Sorted column indices of each row's ``c`` highest scores; ties -> lower column.
+
+    One ``topk(c + 1)`` per row: a row has a tie to resolve only where its ``c``-th and
+    ``(c + 1)``-th values are equal, and only those rows are compared in full."""
     rows, fan_in = s.shape
     if c >= fan_in:
         return torch.arange(fan_in, dtype=torch.int64).expand(rows, fan_in).contiguous()
-    top = torch.topk(s, c, dim=1)
-    kth = top.values[:, -1:]
-    at_least = s >= kth
-    ambiguous = (at_least.sum(1) > c).nonzero().squeeze(1)
-    idx = top.indices.sort(dim=1).values
+    top = torch.topk(s, c + 1, dim=1)
+    kth = top.values[:, c - 1:c]
+    ambiguous = (top.values[:, c] == kth[:, 0]).nonzero().squeeze(1)
+    idx = top.indices[:, :c].sort(dim=1).values
     if ambiguous.numel():  # more entries equal the c-th value than fit: keep lower columns
         sub, v = s[ambiguous], kth[ambiguous]
         gt, eq = sub > v, sub == v

@@ -103,6 +103,7 @@ def compute_fisher(
     chunk_size: int = 16,
     progress: bool = True,
     score: Score = "fisher",
+    scores_device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal empirical Fisher scores of the model's parameters on ``data`` (paper eq. 2).
 
@@ -138,13 +139,19 @@ def compute_fisher(
             magnitude of the mean gradient, ``|sum_b n_b g_b| / sum_b n_b`` (per sample:
             ``|mean_i g_i|``), GPS's score, which favours entries whose gradient keeps one
             sign over the data over entries with large but noisy gradients.
+        scores_device: where the float32 accumulators and the returned scores live, e.g.
+            ``"cpu"`` for a model whose scores (4 bytes per scored weight) do not fit beside
+            it on the GPU: each gradient is then moved there and freed one tensor at a time.
+            Default: each parameter's own device. Under ``torch.distributed`` the process
+            group needs a backend for that device (``init_process_group("cpu:gloo,cuda:nccl")``).
 
     Returns:
         ``{name: scores}`` keyed by ``model.named_parameters()`` names (DDP's ``module.``
         and compile's ``_orig_mod.`` prefixes removed); each value is float32, on the
-        parameter's device, of the parameter's shape, finite and ``>= 0``.
+        parameter's device (or ``scores_device``), of the parameter's shape, finite and ``>= 0``.
     """
     _check_arguments(model, num_batches, chunk_size, score)
+    target = _scores_device(scores_device)
     base = unwrap_model(model)
     adapter = get_adapter(base)
     scored = _resolve_params(base, adapter, params)
@@ -153,7 +160,7 @@ def compute_fisher(
         def loss_fn(output: Any, targets: Tensor) -> Tensor:  # cross-entropy on the logits
             return _cross_entropy(adapter.logits(output), targets)
     device = next(iter(scored.values())).device
-    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in scored.items()}
+    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=target or p.device) for n, p in scored.items()}
     count, classes = 0, None
     with _preserved_state(base, scored, train_mode), torch.inference_mode(False), torch.enable_grad():
         for batch in _progress_bar(data, num_batches, progress):
@@ -180,6 +187,19 @@ def _check_arguments(model: Any, num_batches: Any, chunk_size: Any, score: Any) 
         raise TrptsValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not isinstance(model, nn.Module):
         raise TrptsTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _scores_device(scores_device: Any) -> torch.device | None:
+    if scores_device is None:
+        return None
+    try:
+        device = torch.device(scores_device)
+    except (RuntimeError, TypeError):
+        raise TrptsValueError(f"scores_device must be a torch.device or a device string such as 'cpu' or "
+                              f"'cuda:0', got {scores_device!r}") from None
+    if device.type == "meta":
+        raise TrptsValueError("scores_device='meta' holds no values; pass 'cpu' or a GPU")
+    return device
 
 
 def _batch_size(targets: Any, default_loss: bool) -> int:
@@ -253,14 +273,16 @@ def _accumulate_batch(base: nn.Module, scored: dict[str, nn.Parameter], sums: di
     """Add ``n g_b^2`` (``"gradient"``: ``n g_b``) of one batch's mean gradient ``g_b`` to
     ``sums`` (the microbatch estimate)."""
     loss = loss_fn(base(inputs), targets)
-    grads = torch.autograd.grad(loss, list(scored.values()), allow_unused=True)
-    for (name, _), g in zip(scored.items(), grads, strict=True):
+    grads = list(torch.autograd.grad(loss, list(scored.values()), allow_unused=True))
+    for i, name in enumerate(scored):
+        g, grads[i] = grads[i], None  # moved and freed one tensor at a time (scores_device)
         if g is not None:
-            g = g.float()
+            g = g.to(sums[name].device, torch.float32)
             if score == "gradient":
                 sums[name].add_(g, alpha=float(n))
             else:
                 sums[name].addcmul_(g, g, value=float(n))
+            del g
 
 
 def _average(sums: dict[str, Tensor], count: int, device: torch.device, score: Score) -> dict[str, Tensor]:
@@ -320,5 +342,8 @@ def _accumulate_per_sample(
         for start in range(0, int(inputs.shape[0]), chunk_size):
             grads = per_sample_grad(primal, inputs[start : start + chunk_size],
                                     targets[start : start + chunk_size])
-            for name, g in grads.items():
-                sums[name].add_(g.float().sum(0) if score == "gradient" else g.float().square().sum(0))
+            for name in list(grads):
+                g = grads.pop(name).float()
+                g = g.sum(0) if score == "gradient" else g.square_().sum(0)
+                sums[name].add_(g.to(sums[name].device))
+                del g
