@@ -38,6 +38,7 @@ from .errors import (
 from .fisher import compute_fisher, default_scored_parameters
 from .flops import count_flops, token_counts
 from .masking import MaskHandle, SparseMaskHandle, apply_masks, get_mask_handle
+from .mixed import forward_tasks
 from .token_scores import mean_attention
 from .tokens import (
     TokenConfig,
@@ -90,6 +91,7 @@ __all__ = [
     "compute_fisher",
     "count_flops",
     "default_scored_parameters",
+    "forward_tasks",
     "get_mask_handle",
     "get_token_config",
     "kept_patches",

@@ -1,0 +1,261 @@
+"""Mixed-task batches: one forward pass in which every sample uses its own task's delta and head.
+
+A delta loaded with :func:`trpts.load_delta` changes ``k_l`` entries of some weights (and, if it
+trained them, whole biases or norms) and brings its own head. :func:`forward_tasks` sorts the
+batch by task so that each task's samples are contiguous rows. Wherever the model then calls
+``F.linear``, ``F.conv2d`` or ``F.layer_norm`` with a tensor that a task of the batch changed,
+the call runs once per task group on that group's rows, with the task's values written into
+the shared tensor for the call and the backbone's values written back right after (``k_l``
+writes per group and layer: no copy of the weight, no second matmul, no dense ``W + dW``). So
+each group computes with exactly the weights :func:`trpts.activate_delta` would give it; the
+only difference from a one-task batch is the matmul's rounding for a different number of rows.
+Each head is swapped, for the call, for one that applies every group's own head to its rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ._utils import unwrap_model
+from .delta import _Bank, _bank, _refuse_while_training, loaded_deltas
+from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError
+from .tokens import apply_token_config, get_token_config
+
+__all__ = ["forward_tasks"]
+
+# The calls a changed tensor may appear in, and the argument positions of weight and bias.
+_SLOTS: dict[Any, tuple[tuple[int, str], ...]] = {
+    F.linear: ((1, "weight"), (2, "bias")),
+    F.conv2d: ((1, "weight"), (2, "bias")),
+    F.layer_norm: ((2, "weight"), (3, "bias")),
+}
+
+
+@dataclass(frozen=True)
+class _Patch:
+    """How one task changes one tensor: ``values`` at the flat positions ``index`` (``None``:
+    the whole tensor), and the backbone's ``base`` values there."""
+
+    index: Tensor | None
+    values: Tensor
+    base: Tensor
+
+    def write(self, t: Tensor, values: Tensor) -> None:
+        if self.index is None:
+            t.copy_(values)
+        else:
+            t.view(-1).index_put_((self.index,), values)
+
+
+class _MixedCalls(TorchFunctionMode):
+    """Runs every call that uses a changed tensor once per task group, on the group's rows."""
+
+    def __init__(self, groups: list[slice], patches: dict[int, list[_Patch | None]], names: dict[int, str],
+                 batch: int):
+        super().__init__()
+        self.groups, self.patches, self.names, self.batch = groups, patches, names, batch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        changed = [t for t in tree_flatten((args, kwargs))[0] if id(t) in self.patches]
+        if not changed:
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__":  # an attribute: dtype, shape, device, ...
+            out = func(*args, **kwargs)
+            if not isinstance(out, Tensor):  # .data, .T, ... would alias the values: refused below
+                return out
+        slots = _SLOTS.get(func)
+        used = [_slot_value(args, kwargs, i, k) for i, k in slots] if slots else []
+        stray = [t for t in changed if not any(t is u for u in used)]
+        if stray:
+            raise TrptsValueError(
+                f"a task of this batch changes {self.names[id(stray[0])]!r}, which the model uses in "
+                f"{getattr(func, '__name__', func)!s}, not as the weight or bias of F.linear, F.conv2d or "
+                "F.layer_norm; forward_tasks cannot apply it per sample. Run those tasks one at a time "
+                "(activate_delta)")
+        x = args[0]
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != self.batch:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise TrptsValueError(
+                f"the model applies the changed {self.names[id(changed[0])]!r} to an input of shape {shape}, "
+                f"whose first dimension is not the batch ({self.batch}); forward_tasks needs batch-first "
+                "inputs there. Run the tasks one at a time (activate_delta)")
+        outs = []
+        for g, rows in enumerate(self.groups):
+            todo = [(t, self.patches[id(t)][g]) for t in changed]
+            todo = [(t, p) for t, p in todo if p is not None]
+            for t, p in todo:
+                p.write(t, p.values)
+            try:
+                outs.append(func(x[rows], *args[1:], **kwargs))
+            finally:
+                for t, p in todo:
+                    p.write(t, p.base)
+        return torch.cat(outs)
+
+
+def _slot_value(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str) -> Any:
+    return args[position] if len(args) > position else kwargs.get(keyword)
+
+
+class _MixedHead(nn.Module):
+    """Applies each group's head to its rows; outputs padded with zeros to the widest head."""
+
+    def __init__(self, heads: list[nn.Module], groups: list[slice]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.groups = groups
+        self.width = max(int(h.out_features) for h in heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [head(x[rows]) for head, rows in zip(self.heads, self.groups, strict=True)]
+        out = outs[0].new_zeros((x.shape[0], *outs[0].shape[1:-1], self.width))  # the heads' dtype
+        for o, rows in zip(outs, self.groups, strict=True):
+            out[rows, ..., :o.shape[-1]] = o
+        return out
+
+
+def forward_tasks(model: nn.Module, inputs: Tensor, tasks: Sequence[str | None]) -> list[Tensor]:
+    """Run one batch in which every sample uses the delta and head of its own task.
+
+    Args:
+        model: a backbone with deltas loaded by :func:`trpts.load_delta` (not being trained).
+        inputs: the batch, ``(B, C, H, W)`` pixel values (any dtype the model takes).
+        tasks: ``B`` names of loaded deltas, one per sample; ``None`` means the plain backbone.
+
+    Returns:
+        ``B`` logits tensors, ``[classes of that sample's task]`` each, in input order. Each
+        equals the sample's output with its task activated alone up to the matmul's rounding
+        for a different number of rows (float32: well within ``1e-5``; often bit-identical).
+
+    Runs under ``torch.no_grad``. Every name is checked before anything runs (unknown names
+    raise :class:`TrptsKeyError`); tasks whose token-selection settings differ cannot share a
+    batch (:class:`TrptsValueError`). The model's active task, heads and token selection are
+    as before afterwards, also after an error.
+    """
+    base = unwrap_model(model)
+    bank = _checked_bank(base, inputs, tasks)
+    order, names, groups = _group(tasks)
+    tokens = _shared_tokens(bank, names)
+    previous = bank.active
+    with torch.no_grad():
+        bank.deactivate()
+        try:
+            with _tokens(base, bank, tokens), _heads(bank, names, groups) as widths:
+                patches, labels = _patches(bank, names)
+                with _MixedCalls(groups, patches, labels, len(tasks)):
+                    logits = bank.adapter.logits(base(inputs[order]))
+        finally:
+            bank.activate(previous)
+    return _unsort(logits, order, groups, widths)
+
+
+def _checked_bank(base: nn.Module, inputs: Any, tasks: Sequence[str | None]) -> _Bank:
+    """The model's loaded deltas, after checking ``inputs`` and ``tasks`` (nothing has run yet)."""
+    if not isinstance(inputs, Tensor) or inputs.ndim == 0:
+        raise TrptsTypeError(f"inputs must be a batch tensor (B, C, H, W), got {type(inputs).__name__}")
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TrptsTypeError("tasks must be a sequence of task names (or None), one per sample")
+    if len(tasks) != inputs.shape[0]:
+        raise TrptsValueError(f"tasks names {len(tasks)} samples but inputs hold {inputs.shape[0]}: "
+                              "give one task name (or None) per sample")
+    bank = _bank(base)
+    unknown = sorted({t for t in tasks if t is not None and (bank is None or t not in bank.tasks)}, key=str)
+    if unknown:
+        raise TrptsKeyError(f"no delta named {', '.join(map(repr, unknown))} is loaded (loaded: "
+                            f"{loaded_deltas(base)}); load it with trpts.load_delta(model, path, name=...)")
+    if bank is None:
+        raise TrptsValueError("no delta is loaded on this model; load deltas with trpts.load_delta first")
+    _refuse_while_training(base, "forward_tasks")
+    return bank
+
+
+def _group(tasks: Sequence[str | None]) -> tuple[Tensor, list[str | None], list[slice]]:
+    """A stable order that makes each task's samples contiguous, the tasks in order of first
+    appearance, and each task's rows in that order."""
+    names = list(dict.fromkeys(tasks))
+    position = {n: i for i, n in enumerate(names)}
+    keys = torch.tensor([position[t] for t in tasks], dtype=torch.int64)
+    order = torch.sort(keys, stable=True).indices
+    sizes = torch.bincount(keys, minlength=len(names)).tolist()
+    starts = [sum(sizes[:i]) for i in range(len(names))]
+    return order, names, [slice(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+
+
+def _shared_tokens(bank: _Bank, names: list[str | None]) -> dict[str, Any] | None:
+    """The token-selection settings every task of the batch runs with; refused if they differ."""
+    original = bank.original_tokens.to_dict() if bank.original_tokens is not None else None
+    wanted = {n: (bank.tasks[n].meta["tokens"] if n is not None and bank.tasks[n].apply_tokens else original)
+              for n in names}
+    if len({repr(v) for v in wanted.values()}) > 1:
+        listed = "; ".join(f"{n if n is not None else 'backbone'}: {v}" for n, v in wanted.items())
+        raise TrptsValueError("the tasks of this batch select tokens differently, which one forward pass "
+                              f"cannot do exactly ({listed}); batch them separately")
+    return next(iter(wanted.values()))
+
+
+@contextmanager
+def _tokens(base: nn.Module, bank: _Bank, tokens: dict[str, Any] | None) -> Iterator[None]:
+    """The batch's token selection for the call; the backbone's own afterwards."""
+    current = get_token_config(base)
+    change = repr(tokens) != repr(current.to_dict() if current is not None else None)
+    if change:
+        apply_token_config(base, tokens)
+    try:
+        yield
+    finally:
+        if change:
+            apply_token_config(base, bank.original_tokens)
+
+
+@contextmanager
+def _heads(bank: _Bank, names: list[str | None], groups: list[slice]) -> Iterator[list[int]]:
+    """Swap each head for a :class:`_MixedHead`; yields each group's number of classes."""
+    paths = [p for p in bank.original_heads if any(n is not None and p in bank.tasks[n].heads for n in names)]
+    per_group = {p: [bank.tasks[n].heads.get(p, h) if n is not None else h for n in names]
+                 for p, h in bank.original_heads.items() if p in paths}
+    first = next(iter(bank.original_heads.values()), None)
+    widths = [int(per_group[paths[0]][g].out_features) if paths else
+              (int(first.out_features) if isinstance(first, nn.Linear) else -1) for g in range(len(names))]
+    try:
+        for p in paths:
+            bank._set_module(p, _MixedHead(per_group[p], groups))
+        yield widths
+    finally:
+        for p in paths:
+            bank._set_module(p, bank.original_heads[p])
+
+
+def _patches(bank: _Bank, names: list[str | None]) -> tuple[dict[int, list[_Patch | None]], dict[int, str]]:
+    """For every tensor a task of the batch changes: each group's patch (``None``: unchanged)."""
+    patches: dict[int, list[_Patch | None]] = {}
+    labels: dict[int, str] = {}
+    for g, n in enumerate(names):
+        if n is None:
+            continue
+        task = bank.tasks[n]
+        changes = [(m, _Patch(i, task.values[m], task.base_values[m])) for m, i in task.index.items()]
+        changes += [(m, _Patch(None, v, task.base_full[m])) for m, v in task.full.items()]
+        for m, patch in changes:
+            t = bank.params[m]
+            patches.setdefault(id(t), [None] * len(names))[g] = patch
+            labels[id(t)] = m
+    return patches, labels
+
+
+def _unsort(logits: Tensor, order: Tensor, groups: list[slice], widths: list[int]) -> list[Tensor]:
+    """Per-sample logits in input order, each cut to its task's number of classes."""
+    out: list[Tensor] = [logits[0]] * len(order)
+    for rows, width in zip(groups, widths, strict=True):
+        for r in range(rows.start, rows.stop):
+            out[int(order[r])] = logits[r, :width] if width >= 0 else logits[r]
+    return out
