@@ -89,6 +89,16 @@ def test_deltas_benchmark_quick(tmp_path):
     assert all(float(r["vs floor"].split("x")[0]) < 1.2 for r in rows)  # tiny model: the header weighs
 
 
+def test_serving_benchmark_quick(tmp_path):
+    _run("benchmarks/serving.py", "--quick", "--no-progress", "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    names = [r["configuration"] for r in rows]
+    assert names[0] == "single-task batch (reference)" and rows[0]["vs single-task batch"] == "1.00x"
+    for t in (1, 2, 4):
+        assert f"trpts forward_tasks, T={t}" in names and f"PEFT mixed LoRA r=8, T={t}" in names
+    assert "trpts sequential activate_delta, T=4" in names and len(rows) == 9
+
+
 def test_accuracy_benchmark_quick(tmp_path, digits_cache):
     out = _run("benchmarks/accuracy.py", "--quick", "--no-progress", "--cache-dir", str(digits_cache),
                "--json", str(tmp_path / "r.json"))

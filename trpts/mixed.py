@@ -89,18 +89,47 @@ class _MixedCalls(TorchFunctionMode):
                 f"the model applies the changed {self.names[id(changed[0])]!r} to an input of shape {shape}, "
                 f"whose first dimension is not the batch ({self.batch}); forward_tasks needs batch-first "
                 "inputs there. Run the tasks one at a time (activate_delta)")
+        if func is F.linear and _plain_linear(x, used[0]):
+            return self._linear(x, used[0], used[1], changed)
         outs = []
         for g, rows in enumerate(self.groups):
-            todo = [(t, self.patches[id(t)][g]) for t in changed]
-            todo = [(t, p) for t, p in todo if p is not None]
-            for t, p in todo:
-                p.write(t, p.values)
-            try:
+            with self._patched(changed, g):
                 outs.append(func(x[rows], *args[1:], **kwargs))
-            finally:
-                for t, p in todo:
-                    p.write(t, p.base)
         return torch.cat(outs)
+
+    @contextmanager
+    def _patched(self, changed: list[Tensor], group: int) -> Iterator[None]:
+        """The tensors ``changed`` hold task ``group``'s values inside the block."""
+        todo = [(t, p) for t in changed if (p := self.patches[id(t)][group]) is not None]
+        for t, p in todo:
+            p.write(t, p.values)
+        try:
+            yield
+        finally:
+            for t, p in todo:
+                p.write(t, p.base)
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, changed: list[Tensor]) -> Tensor:
+        """``F.linear`` group by group straight into one output (``addmm(out=)`` on row slices:
+        no concatenation pass over the activations)."""
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        x2, o2 = x.view(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+        per = x2.shape[0] // self.batch  # rows per sample (tokens)
+        for g, rows in enumerate(self.groups):
+            r = slice(rows.start * per, rows.stop * per)
+            with self._patched(changed, g):
+                if bias is None:
+                    torch.mm(x2[r], weight.t(), out=o2[r])
+                else:
+                    torch.addmm(bias, x2[r], weight.t(), out=o2[r])
+        return out
+
+
+def _plain_linear(x: Tensor, weight: Any) -> bool:
+    """Whether ``F.linear(x, weight)`` can be written as ``addmm`` into row slices: same dtype,
+    contiguous input, no autocast (which ``out=`` does not follow)."""
+    return (isinstance(weight, Tensor) and x.dtype == weight.dtype and x.is_contiguous() and x.ndim >= 2
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def _slot_value(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str) -> Any:
