@@ -7,6 +7,13 @@ randomly initialized ``ViTForImageClassification``; pass ``--model`` a local fol
 (e.g. google/vit-base-patch16-224-in21k, downloaded by transformers) for a real checkpoint.
 
     pip install ".[examples]" && python examples/hf_trainer.py
+    torchrun --nproc_per_node 2 examples/hf_trainer.py    # DDP (also: accelerate launch)
+
+Under DDP every rank scores the same all-reduced Fisher and so selects the same entries; the
+one thing to get right is the order: join the process group (``PartialState``) *before*
+``compute_fisher``, and on a machine without GPUs tell both Accelerate and the Trainer so
+(``PartialState(cpu=True)``, ``TrainingArguments(use_cpu=True)``): otherwise each CPU process
+trains alone, silently, on its own shard.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=Path("hf-trainer-run"))
     args = parser.parse_args(argv)
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)  # joins the process group under torchrun / accelerate launch
     data = task.position_task()
     train_set, (x_test, y_test) = Images(*data["train"]), data["test"]
     if args.model:
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> float:
 
     # --- TR-PTS in a Trainer -----------------------------------------------------------------
     loader = torch.utils.data.DataLoader(train_set, batch_size=32)  # a few batches of your data
-    fisher = trpts.compute_fisher(model, loader, num_batches=8)    # dict batches work as they are
+    fisher = trpts.compute_fisher(model, loader, num_batches=8)    # all-reduced over ranks under DDP
     selection = trpts.allocate_connections(fisher, budget=args.budget, model=model)
     handle = trpts.apply_masks(model, selection)                    # head + selected entries train
     trpts.wrap_vit(model, selection, rho=0.7, num_layers=2)          # token selection, train + eval
@@ -65,16 +75,22 @@ def main(argv: list[str] | None = None) -> float:
     optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.01, lr=1e-2))
     training_args = TrainingArguments(output_dir=str(args.out), num_train_epochs=args.epochs,
                                       per_device_train_batch_size=64, save_strategy="no", report_to=[],
-                                      logging_steps=10, lr_scheduler_type="cosine", warmup_steps=5)
-    Trainer(model=model, args=training_args, train_dataset=train_set, optimizers=(optimizer, None)).train()
-    delta = trpts.save_delta(model, args.out / "position.safetensors")  # selected values + head
+                                      logging_steps=10, lr_scheduler_type="cosine", warmup_steps=5,
+                                      use_cpu=cpu)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, optimizers=(optimizer, None))
+    trainer.train()
+    delta = args.out / "position.safetensors"
+    if state.is_main_process:
+        trpts.save_delta(model, delta)  # selected values + head, written once
+    state.wait_for_everyone()
     # -------------------------------------------------------------------------------------------
 
     model.eval()
     with torch.no_grad():
         acc = float((model(pixel_values=x_test).logits.argmax(1) == y_test).float().mean())
-    print(f"test accuracy {acc:.1%}; trained {handle.num_trainable:,} values; delta {delta} "
-          f"({delta.stat().st_size / 1024:.1f} KiB)")
+    wrapper = type(trainer.model_wrapped).__name__
+    print(f"rank {state.process_index}/{state.num_processes} ({wrapper}): test accuracy {acc:.1%}; trained "
+          f"{handle.num_trainable:,} values; delta {delta} ({delta.stat().st_size / 1024:.1f} KiB)")
     return acc
 
 

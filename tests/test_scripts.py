@@ -187,14 +187,21 @@ def test_fgvc_harness_on_a_generated_dataset(tmp_path):
     assert result["eval_split"] == "val" and result["trained_values"] > 0
 
 
-def test_hf_trainer_example(tmp_path):
+def test_hf_trainer_example_on_two_processes(tmp_path):
+    """The Trainer example under torchrun with 2 CPU processes: the Trainer really runs DDP, both
+    ranks end with the same model (same test accuracy) and rank 0 alone writes the delta."""
+    import re
+
     import trpts
 
-    out = _run("examples/hf_trainer.py", "--epochs", "1", "--out", str(tmp_path))
-    assert "test accuracy" in out
+    out = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "examples/hf_trainer.py", "--epochs", "0.5", "--out", str(tmp_path), timeout=600)
+    ranks = dict(re.findall(r"rank (\d)/2 \(DistributedDataParallel\): test accuracy ([\d.]+)%", out))
+    assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"], out
     meta, tensors = trpts.read_delta(tmp_path / "position.safetensors")
     assert meta["family"] == "hf-vit" and meta["tokens"]["layers"]
     assert any(k.startswith("values:") for k in tensors)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"] == ["position.safetensors"]
 
 
 def test_fisher_batches_benchmark_quick(tmp_path):
