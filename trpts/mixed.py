@@ -167,24 +167,36 @@ def forward_tasks(model: nn.Module, inputs: Tensor, tasks: Sequence[str | None])
         for a different number of rows (float32: well within ``1e-5``; often bit-identical).
 
     Runs under ``torch.no_grad``. Every name is checked before anything runs (unknown names
-    raise :class:`TrptsKeyError`); tasks whose token-selection settings differ cannot share a
-    batch (:class:`TrptsValueError`). The model's active task, heads and token selection are
-    as before afterwards, also after an error.
+    raise :class:`TrptsKeyError`). Tasks whose token-selection settings differ (one selects
+    tokens, another does not) cannot share one pass exactly: the batch then runs as one pass
+    per setting, each still mixing its tasks. The model's active task, heads and token
+    selection are as before afterwards, also after an error.
     """
     base = unwrap_model(model)
     bank = _checked_bank(base, inputs, tasks)
-    order, names, groups = _group(tasks)
-    tokens = _shared_tokens(bank, names)
+    out: list[Tensor] = []
+    rows: list[int] = []
     previous = bank.active
     with torch.no_grad():
         bank.deactivate()
         try:
-            with _tokens(base, bank, tokens), _heads(bank, names, groups) as widths:
-                patches, labels = _patches(bank, names)
-                with _MixedCalls(groups, patches, labels, len(tasks)):
-                    logits = bank.adapter.logits(base(inputs[order]))
+            for tokens, samples in _by_tokens(bank, tasks):
+                index = torch.tensor(samples, dtype=torch.int64, device=inputs.device)
+                out += _one_pass(base, bank, inputs[index], [tasks[i] for i in samples], tokens)
+                rows += samples
         finally:
             bank.activate(previous)
+    return [out[i] for i in sorted(range(len(rows)), key=rows.__getitem__)]
+
+
+def _one_pass(base: nn.Module, bank: _Bank, inputs: Tensor, tasks: list[str | None],
+              tokens: dict[str, Any] | None) -> list[Tensor]:
+    """One forward pass of tasks that share the token-selection settings ``tokens``."""
+    order, names, groups = _group(tasks)
+    with _tokens(base, bank, tokens), _heads(bank, names, groups) as widths:
+        patches, labels = _patches(bank, names)
+        with _MixedCalls(groups, patches, labels, len(tasks)):
+            logits = bank.adapter.logits(base(inputs[order.to(inputs.device)]))
     return _unsort(logits, order, groups, widths)
 
 
@@ -220,16 +232,15 @@ def _group(tasks: Sequence[str | None]) -> tuple[Tensor, list[str | None], list[
     return order, names, [slice(s, s + n) for s, n in zip(starts, sizes, strict=True)]
 
 
-def _shared_tokens(bank: _Bank, names: list[str | None]) -> dict[str, Any] | None:
-    """The token-selection settings every task of the batch runs with; refused if they differ."""
+def _by_tokens(bank: _Bank, tasks: Sequence[str | None]) -> list[tuple[dict[str, Any] | None, list[int]]]:
+    """The samples of each token-selection setting (a task's recorded one, or the backbone's
+    for ``None`` and for deltas loaded with ``tokens=False``), in order of first appearance."""
     original = bank.original_tokens.to_dict() if bank.original_tokens is not None else None
-    wanted = {n: (bank.tasks[n].meta["tokens"] if n is not None and bank.tasks[n].apply_tokens else original)
-              for n in names}
-    if len({repr(v) for v in wanted.values()}) > 1:
-        listed = "; ".join(f"{n if n is not None else 'backbone'}: {v}" for n, v in wanted.items())
-        raise TrptsValueError("the tasks of this batch select tokens differently, which one forward pass "
-                              f"cannot do exactly ({listed}); batch them separately")
-    return next(iter(wanted.values()))
+    settings: dict[str, tuple[Any, list[int]]] = {}
+    for i, n in enumerate(tasks):
+        wanted = bank.tasks[n].meta["tokens"] if n is not None and bank.tasks[n].apply_tokens else original
+        settings.setdefault(repr(wanted), (wanted, []))[1].append(i)
+    return list(settings.values())
 
 
 @contextmanager
