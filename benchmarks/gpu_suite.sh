@@ -24,4 +24,5 @@ for b in 32 128; do
 done
 run "$PY" benchmarks/selection.py --no-progress --json "$OUT/selection.json"
 run "$PY" benchmarks/deltas.py --no-progress --json "$OUT/deltas.json"
+run "$PY" benchmarks/serving.py --device cuda --dtype bfloat16 --batch 256 --rounds 3 --no-progress --json "$OUT/serving_bf16_b256.json"
 log done

@@ -196,3 +196,31 @@ def test_sparse_storage_whole_path_on_cuda_bf16(tmp_path):
     from sparse_checks import check_whole_sparse_path
 
     check_whole_sparse_path(torch.device("cuda"), tmp_path, compile_too=True)
+
+
+def test_forward_tasks_on_cuda(tmp_path):
+    """Mixed-task batches on the GPU in bf16: every sample equals its task activated alone."""
+    import copy
+
+    dev = torch.device("cuda")
+    backbone = make_timm_vit(depth=2).to(dev).eval()
+    params = dict(backbone.named_parameters())
+    for i in range(3):
+        model = copy.deepcopy(backbone)
+        fisher = {n: torch.rand(params[n].shape, device=dev) for n in trpts.default_scored_parameters(model)}
+        handle = trpts.apply_masks(model, trpts.allocate_connections(fisher, budget=0.05, model=model))
+        with torch.no_grad():
+            for p in handle.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        trpts.save_delta(model, tmp_path / f"t{i}.safetensors", name=f"t{i}")
+    for i in range(3):
+        trpts.load_delta(backbone, tmp_path / f"t{i}.safetensors")
+    x = torch.randn(6, 3, 16, 16, device=dev)
+    tasks = ["t0", "t2", None, "t1", "t2", "t0"]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = trpts.forward_tasks(backbone, x, tasks)
+        for i, t in enumerate(tasks):
+            trpts.activate_delta(backbone, t)
+            with torch.no_grad():
+                torch.testing.assert_close(out[i], backbone(x)[i], rtol=2e-2, atol=2e-2)
+
