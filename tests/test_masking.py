@@ -386,3 +386,29 @@ def test_head_lr_adamw_moves_the_head_100x_more_than_the_selected_entries(family
         elif name not in handle.full and id(p) not in compact:
             assert torch.equal(p.detach(), before[name]), f"{name} should be frozen"
     handle.merge_and_unload()
+
+
+def test_weight_decay_check_follows_parameters_by_name_and_outlives_its_model():
+    """The check finds masked weights by name at each step (so it sees parameters swapped in
+    after apply_masks, as FSDP2 does); a handle whose model is gone checks nothing."""
+    import gc
+
+    model = make_timm_vit()
+    fisher = {n: torch.rand(p.shape) for n, p in model.named_parameters() if n in trpts.default_scored_parameters(model)}
+    handle = trpts.apply_masks(model, trpts.allocate_connections(fisher, budget=0.05))
+    name = next(iter(handle.masked))
+    swapped = torch.nn.Parameter(handle.masked[name].detach().clone())
+    module = model.get_submodule(name.rpartition(".")[0])
+    module.weight = swapped
+    assert handle.masked[name] is swapped
+    x, y = make_batches(1, 2)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert swapped.grad is not None and bool((swapped.grad[~handle.selection[name]] == 0).all())  # re-hooked
+    with pytest.raises(trpts.WeightDecayError, match=name.replace(".", r"\.")):
+        torch.optim.AdamW([swapped], lr=1e-3, weight_decay=0.1).step()
+    del model, module, x, y
+    gc.collect()
+    other = torch.nn.Parameter(torch.ones(3))
+    other.grad = torch.ones(3)
+    torch.optim.AdamW([other], lr=1e-3, weight_decay=0.1).step()  # no error from the orphaned handle
+    assert handle.active

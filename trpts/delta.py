@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._sharding import full_value, is_sharded, refuse_sharded
 from ._state import model_state, update_state
 from ._utils import atomic_write, unwrap_model
 from .delta_format import (
@@ -91,7 +92,7 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
                        "layer": info.layer, "block": info.block, "share": info.share}
     full = {n: p for n, p in handle.full.items() if n not in selection.matrices}
     for n, p in full.items():
-        tensors[f"full:{n}"] = p.detach().to(dtype or p.dtype).cpu().contiguous()
+        tensors[f"full:{n}"] = full_value(p.detach()).to(dtype or p.dtype).cpu().contiguous()
     base_values = handle.base_values
     tokens = get_token_config(base)
     meta = {
@@ -111,7 +112,19 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
                                     for m in selection.matrices}),
         "user": dict(metadata or {}),
     }
-    return write_delta_file(path, meta, tensors)
+    return _write_once(path, meta, tensors, sharded=any(is_sharded(p) for p in params.values()))
+
+
+def _write_once(path: PathLike, meta: dict[str, Any], tensors: dict[str, Tensor], sharded: bool) -> Path:
+    """Write the file; on a model sharded with ``fully_shard`` every rank has gathered the same
+    tensors, rank 0 writes and the others wait for it."""
+    if not sharded:
+        return write_delta_file(path, meta, tensors)
+    import torch.distributed as dist
+
+    written = write_delta_file(path, meta, tensors) if dist.get_rank() == 0 else Path(path)
+    dist.barrier()
+    return written
 
 
 def _labels(base: nn.Module, adapter: ModelAdapter, full: Mapping[str, Tensor], heads: list[str],
@@ -278,7 +291,9 @@ def remove_delta(model: nn.Module, name: str) -> None:
 
 
 def _refuse_while_training(model: nn.Module, what: str) -> None:
-    """Task switches write the selected entries, so they wait until training is over."""
+    """Task switches write the selected entries, so they wait until training is over (and
+    cannot write into weights sharded by ``fully_shard``)."""
+    refuse_sharded(model.parameters(), what)
     if model_state(model).masks is not None:
         raise TrptsRuntimeError(
             f"{what} while the model is being trained (apply_masks) would overwrite trained entries. "

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._sharding import refuse_sharded
 from ._utils import canonical_name, iter_limited, unwrap_model
 from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError
 from .models import ModelAdapter, get_adapter
@@ -155,6 +156,7 @@ def compute_fisher(
     base = unwrap_model(model)
     adapter = get_adapter(base)
     scored = _resolve_params(base, adapter, params)
+    refuse_sharded(scored.values(), "compute_fisher")
     default_loss = loss_fn is None
     if loss_fn is None:
         def loss_fn(output: Any, targets: Tensor) -> Tensor:  # cross-entropy on the logits

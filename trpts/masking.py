@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from ._sharding import gather_selected, is_sharded, refuse_sharded
 from ._state import model_state, update_state
 from ._utils import canonical_name, fmt_count, unwrap_model
 from .allocation import Selection
@@ -66,22 +67,42 @@ class MaskHandle:
                  frozen: dict[str, Tensor], full: dict[str, nn.Parameter], base_values: dict[str, Tensor]):
         self.selection = selection
         self.base_values = base_values
-        self.masked = masked
-        self.full = full
+        # Parameters are looked up by name: FSDP2's fully_shard, applied after apply_masks,
+        # replaces them with sharded ones.
+        self._masked_names = list(masked)
+        self._full_names = list(full)
         self._model_ref = weakref.ref(model)
         self._frozen = frozen  # name -> bool, True = frozen entry (never a float copy)
-        self._masked_ids = {id(p): name for name, p in masked.items()}
-        self._flags: list[tuple[nn.Parameter, bool]] = []
+        self._flags: list[tuple[str, bool]] = []
         self._hooks: list[RemovableHandle] = []
+        self._hooked: dict[str, weakref.ref[Tensor]] = {}  # the weight object each mask hook is on
         self._active = False
         self._initial: dict[str, Tensor] = {}  # values at the selected entries at install
         self._initial_full: dict[str, Tensor] = {}  # fully trainable tensors at install
+
+    @property
+    def masked(self) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of weights with frozen entries (looked up in the model now)."""
+        named = self._named()
+        return {n: named[n] for n in self._masked_names}
+
+    @property
+    def full(self) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of fully trainable parameters (looked up in the model now)."""
+        named = self._named()
+        return {n: named[n] for n in self._full_names}
+
+    def _named(self) -> dict[str, nn.Parameter]:
+        model = self._model_ref()
+        if model is None:
+            raise TrptsRuntimeError("the model of this MaskHandle no longer exists")
+        return dict(model.named_parameters())
 
     # ---- lifecycle ---------------------------------------------------------------------
     def _install(self) -> None:
         model = self._model_ref()
         assert model is not None
-        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
         self._initial = {n: self._read_selected(n) for n in self.masked}  # storage not attached yet
         self._initial_full = {n: p.detach().clone() for n, p in self.full.items()}
         self._active = True
@@ -98,7 +119,16 @@ class MaskHandle:
     def _attach(self) -> None:
         """Add this storage to the model (here: gradient hooks and the weight-decay check)."""
         for name, p in self.masked.items():
-            self._hooks.append(p.register_hook(self._make_hook(name)))
+            self._hook(name, p)
+        model = self._model_ref()
+        assert model is not None
+        owners: dict[str, list[tuple[str, str]]] = {}
+        for name in self._masked_names:
+            path, _, attr = name.rpartition(".")
+            owners.setdefault(path, []).append((attr, name))
+        for path, owned in owners.items():
+            module = model.get_submodule(path)
+            self._hooks.append(module.register_forward_pre_hook(self._rehook(owned)))
         step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))
         self._hooks.append(step_hook)
         weakref.finalize(self, step_hook.remove)  # unregister if dropped without remove()
@@ -140,6 +170,7 @@ class MaskHandle:
 
     def _swap(self, selected: dict[str, Tensor], full: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Write ``selected`` (values at the selected entries) and ``full``; return what was there."""
+        refuse_sharded([*self.masked.values(), *self.full.values()], "unload() / disable_adapter()")
         with torch.no_grad():
             before = ({n: self._read_selected(n) for n in selected},
                       {n: p.detach().clone() for n, p in self.full.items()})
@@ -163,8 +194,10 @@ class MaskHandle:
         if not keep:
             self._swap(self._initial, self._initial_full)
         self._detach()
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
+        named = self._named()
+        for n, flag in self._flags:
+            if n in named:
+                named[n].requires_grad_(flag)
         model = self._model_ref()
         if model is not None and model_state(model).masks is self:
             update_state(model, masks=None)
@@ -187,6 +220,30 @@ class MaskHandle:
         self.merge_and_unload()
 
     # ---- hooks ------------------------------------------------------------------------------
+    def _hook(self, name: str, weight: Tensor) -> None:
+        """Mask the gradient of ``weight`` (the parameter ``name`` computes with)."""
+        if is_sharded(weight):
+            raise TrptsRuntimeError(
+                f"{name!r} is still sharded when its module runs (fully_shard on the module that owns it?): "
+                "apply fully_shard to the transformer blocks and the root, not to single layers, so that "
+                "trpts can mask the gathered weight's gradient")
+        self._hooks.append(weight.register_hook(self._make_hook(name)))
+        self._hooked[name] = weakref.ref(weight)
+
+    def _rehook(self, owned: list[tuple[str, str]]):
+        """A forward pre-hook for a masked weight's module: if the module computes with another
+        weight object than the one hooked (FSDP2 swaps in the gathered weight), hook that one."""
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():  # compiled: the weights are the hooked parameters
+                return
+            for attr, name in owned:
+                weight = getattr(module, attr)
+                ref = self._hooked.get(name)
+                if ref is None or ref() is not weight:
+                    self._hook(name, weight)
+
+        return pre_hook
+
     def _make_hook(self, name: str):
         def hook(grad: Tensor) -> Tensor:
             frozen = self._frozen[name]
@@ -201,8 +258,11 @@ class MaskHandle:
             decay = group.get("weight_decay", 0)
             if not decay:
                 continue
+            if self._model_ref() is None:  # the model is gone: nothing of it can be stepped
+                return
+            masked_ids = {id(p): n for n, p in self.masked.items()}
             for p in group["params"]:
-                name = self._masked_ids.get(id(p))
+                name = masked_ids.get(id(p))
                 if name is not None and p.grad is not None:
                     raise WeightDecayError(
                         f"{type(optimizer).__name__} param group {gi} has weight_decay={decay} and "
@@ -217,6 +277,8 @@ class MaskHandle:
         p = self.masked.get(name, self.full.get(name))
         if p is None:
             raise TrptsKeyError(f"{name!r} is not a weight of this handle's selection")
+        if is_sharded(p):
+            return gather_selected(p.detach(), self.selection.indices(name))
         idx = self.selection.indices(name).to(p.device)
         return p.detach().reshape(info.rows, info.fan_in).gather(1, idx)
 

@@ -1,0 +1,124 @@
+"""FSDP2 (``fully_shard``) after ``apply_masks`` (hook storage), two CPU processes with gloo:
+the same training as one process given both ranks' batches, frozen entries bit-identical, and
+the same delta file; what cannot work sharded is refused clearly."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import make_batches, make_timm_vit
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
+
+WORLD = 2
+
+
+def _model():
+    # width 33: every sharded weight splits unevenly over two ranks
+    return make_timm_vit(depth=2, embed_dim=33, num_heads=3)
+
+
+def _selection(model):
+    import trpts
+
+    g = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    fisher = {n: torch.rand(params[n].shape, generator=g) for n in trpts.default_scored_parameters(model)}
+    return trpts.allocate_connections(fisher, budget=0.05, model=model)
+
+
+def _batches(rank):
+    return make_batches(2, 4, seed=30 + rank)
+
+
+def _train(model, handle, batches):
+    optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-2)
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    import trpts
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        selection = _selection(model)
+        handle = trpts.apply_masks(model, selection)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        _train(model, handle, _batches(rank))
+        trpts.save_delta(model, os.path.join(out_dir, "sharded.safetensors"), name="task")
+        refusals = {}
+        for what, call in {
+            "compute_fisher": lambda: trpts.compute_fisher(model, _batches(rank), progress=False),
+            "unload": handle.unload,
+            "load_delta": lambda: trpts.load_delta(model, os.path.join(out_dir, "sharded.safetensors")),
+        }.items():
+            try:
+                call()
+                refusals[what] = "not refused"
+            except trpts.TrptsRuntimeError as err:
+                refusals[what] = str(err)
+        params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+        handle.merge_and_unload()
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"params": params, "refusals": refusals, "flags": flags},
+                       os.path.join(out_dir, "rank0.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fully_shard_after_apply_masks_trains_like_one_process(tmp_path):
+    import trpts
+
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "rank0.pt")
+
+    original = _model()
+    single = copy.deepcopy(original)
+    selection = _selection(single)
+    handle = trpts.apply_masks(single, selection)
+    both = [(torch.cat([x0, x1]), torch.cat([y0, y1])) for (x0, y0), (x1, y1) in zip(_batches(0), _batches(1),
+                                                                                      strict=True)]
+    _train(single, handle, both)
+    trpts.save_delta(single, tmp_path / "single.safetensors", name="task")
+
+    before = dict(original.named_parameters())
+    for n, p in single.named_parameters():
+        sharded = got["params"][n]
+        if n in selection:  # frozen entries bit-identical, trained ones as one process trains them
+            assert torch.equal(sharded[~selection[n]], before[n].detach()[~selection[n]]), n
+            assert bool((sharded[selection[n]] != before[n].detach()[selection[n]]).all()), n
+        torch.testing.assert_close(sharded, p.detach(), rtol=1e-4, atol=1e-5, msg=n)
+    meta_s, tensors_s = trpts.read_delta(tmp_path / "sharded.safetensors")
+    meta_1, tensors_1 = trpts.read_delta(tmp_path / "single.safetensors")
+    assert meta_s["fingerprint"] == meta_1["fingerprint"] and sorted(tensors_s) == sorted(tensors_1)
+    for k, t in tensors_1.items():
+        if k.startswith("columns:"):
+            assert torch.equal(tensors_s[k], t), k
+        else:
+            torch.testing.assert_close(tensors_s[k], t, rtol=1e-4, atol=1e-5, msg=k)
+
+    for what, message in got["refusals"].items():
+        assert "fully_shard" in message, (what, message)
+    assert got["flags"] == {n: p.requires_grad for n, p in original.named_parameters()}  # restored
