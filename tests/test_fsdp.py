@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_batches, make_timm_vit
+from conftest import make_batches, make_hf_vit, make_timm_vit
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -24,9 +24,20 @@ if not hasattr(fsdp, "fully_shard"):
 WORLD = 2
 
 
-def _model():
-    # width 33: every sharded weight splits unevenly over two ranks
-    return make_timm_vit(depth=2, embed_dim=33, num_heads=3)
+def _model(family):
+    if family == "hf":
+        return make_hf_vit(depth=2)
+    return make_timm_vit(depth=2, embed_dim=33, num_heads=3)  # width 33: uneven shards on two ranks
+
+
+def _blocks(model):
+    from trpts.models import get_adapter
+
+    return get_adapter(model).blocks(model)
+
+
+def _logits(out):
+    return out if torch.is_tensor(out) else out.logits
 
 
 def _selection(model):
@@ -46,12 +57,12 @@ def _train(model, handle, batches):
     optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.05), lr=1e-2)
     for x, y in batches:
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(_logits(model(x)), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         optimizer.step()
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import trpts
@@ -59,10 +70,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        model = _model()
+        model = _model(family)
         selection = _selection(model)
         handle = trpts.apply_masks(model, selection)
-        for block in model.blocks:
+        for block in _blocks(model):
             fully_shard(block)
         fully_shard(model)
         _train(model, handle, _batches(rank))
@@ -88,13 +99,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fully_shard_after_apply_masks_trains_like_one_process(tmp_path):
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_fully_shard_after_apply_masks_trains_like_one_process(tmp_path, family):
     import trpts
 
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), family), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "rank0.pt")
 
-    original = _model()
+    original = _model(family)
     single = copy.deepcopy(original)
     selection = _selection(single)
     handle = trpts.apply_masks(single, selection)
