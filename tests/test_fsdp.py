@@ -89,6 +89,17 @@ def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
                 refusals[what] = "not refused"
             except trpts.TrptsRuntimeError as err:
                 refusals[what] = str(err)
+        sparse = _model(family)
+        sparse_handle = trpts.apply_masks(sparse, _selection(sparse), storage="sparse")
+        fully_shard(sparse)
+        optimizer = torch.optim.AdamW(sparse_handle.param_groups(), lr=1e-2)
+        x, y = _batches(rank)[0]
+        F.cross_entropy(_logits(sparse(x)), y).backward()
+        try:
+            optimizer.step()
+            refusals["sparse storage"] = "not refused"
+        except trpts.TrptsRuntimeError as err:
+            refusals["sparse storage"] = str(err)
         params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
         handle.merge_and_unload()
         flags = {n: p.requires_grad for n, p in model.named_parameters()}

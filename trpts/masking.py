@@ -404,6 +404,14 @@ class SparseMaskHandle(MaskHandle):
             self.values[name] = storage.install()
             self._storages[name] = storage
         self._merge = True
+        step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))  # refuses fully_shard
+        self._hooks.append(step_hook)
+        weakref.finalize(self, step_hook.remove)
+
+    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._model_ref() is not None:
+            refuse_sharded(self._named().values(), "storage='sparse'")
+        super()._check_step(optimizer, args, kwargs)
 
     def _read_selected(self, name: str) -> Tensor:
         if name in self.values:
@@ -421,6 +429,7 @@ class SparseMaskHandle(MaskHandle):
             storage.remove(merge=self._merge)
         self._storages.clear()
         self.values = {}
+        super()._detach()
 
     def selected_values(self, name: str) -> Tensor:
         if self._active and name in self.values:
