@@ -71,6 +71,17 @@ def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         model = _model(family)
+        unsharded_fisher = trpts.compute_fisher(_model(family), _batches(rank), progress=False)
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        fisher = trpts.compute_fisher(model, _batches(rank), progress=False)  # all-reduced: both ranks' batches
+        try:
+            trpts.compute_fisher(model, _batches(rank), per_sample=True, progress=False)
+            per_sample_refusal = "not refused"
+        except trpts.TrptsValueError as err:
+            per_sample_refusal = str(err)
+        model = _model(family)
         selection = _selection(model)
         handle = trpts.apply_masks(model, selection)
         for block in _blocks(model):
@@ -80,7 +91,6 @@ def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
         trpts.save_delta(model, os.path.join(out_dir, "sharded.safetensors"), name="task")
         refusals = {}
         for what, call in {
-            "compute_fisher": lambda: trpts.compute_fisher(model, _batches(rank), progress=False),
             "unload": handle.unload,
             "load_delta": lambda: trpts.load_delta(model, os.path.join(out_dir, "sharded.safetensors")),
         }.items():
@@ -104,7 +114,8 @@ def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
         handle.merge_and_unload()
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save({"params": params, "refusals": refusals, "flags": flags},
+            torch.save({"params": params, "refusals": refusals, "flags": flags, "fisher": fisher,
+                        "unsharded_fisher": unsharded_fisher, "per_sample_refusal": per_sample_refusal},
                        os.path.join(out_dir, "rank0.pt"))
     finally:
         dist.destroy_process_group()
@@ -136,12 +147,23 @@ def test_fully_shard_after_apply_masks_trains_like_one_process(tmp_path, family)
     meta_s, tensors_s = trpts.read_delta(tmp_path / "sharded.safetensors")
     meta_1, tensors_1 = trpts.read_delta(tmp_path / "single.safetensors")
     assert meta_s["fingerprint"] == meta_1["fingerprint"] and sorted(tensors_s) == sorted(tensors_1)
+    for key in ("family", "architecture", "identity", "heads", "full"):  # FSDP's class FSDP<Name> looked through
+        assert meta_s[key] == meta_1[key], key
     for k, t in tensors_1.items():
         if k.startswith("columns:"):
             assert torch.equal(tensors_s[k], t), k
         else:
             torch.testing.assert_close(tensors_s[k], t, rtol=1e-4, atol=1e-5, msg=k)
 
+    # Fisher on the sharded model: one process's scores over both ranks' batches (and the
+    # unsharded model on the same processes gives them too: the all-reduce is the same)
+    reference = trpts.compute_fisher(_model(family), _batches(0) + _batches(1), progress=False)
+    assert list(got["fisher"]) == list(reference)
+    for n, f in reference.items():
+        assert not trpts._sharding.is_sharded(got["fisher"][n])
+        torch.testing.assert_close(got["fisher"][n], f, rtol=1e-4, atol=1e-12, msg=n)
+        torch.testing.assert_close(got["unsharded_fisher"][n], f, rtol=1e-4, atol=1e-12, msg=n)
+    assert "per_sample" in got["per_sample_refusal"]
     for what, message in got["refusals"].items():
         assert "fully_shard" in message, (what, message)
     assert got["flags"] == {n: p.requires_grad for n, p in original.named_parameters()}  # restored

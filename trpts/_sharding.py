@@ -3,14 +3,15 @@ selected values of a sharded weight, and the clear refusals for what trpts canno
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import TrptsRuntimeError
 
-__all__ = ["full_value", "gather_selected", "is_sharded", "refuse_sharded"]
+__all__ = ["full_value", "gather_selected", "gathered_weights", "is_sharded", "refuse_sharded"]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -50,3 +51,26 @@ def gather_selected(p: Tensor, columns: Tensor) -> Tensor:
     local = p.to_local().reshape(-1, p.numel() // rows).gather(1, local_columns)
     return DTensor.from_local(local, p.device_mesh, [Shard(0)], shape=torch.Size((rows, c)),
                               stride=(c, 1)).full_tensor()
+
+
+@contextmanager
+def gathered_weights(model: nn.Module, names: list[str], sharded: bool) -> Iterator[dict[str, Tensor] | None]:
+    """Inside the block, a dict that each forward fills with the whole (gathered) tensor each
+    named parameter's module computes with under ``fully_shard``; ``None`` when not ``sharded``."""
+    if not sharded:
+        yield None
+        return
+    weights: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+        path, _, attr = name.rpartition(".")
+
+        def capture(module: nn.Module, args: object, name: str = name, attr: str = attr) -> None:
+            weights[name] = getattr(module, attr)
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(capture))
+    try:
+        yield weights
+    finally:
+        for h in handles:
+            h.remove()

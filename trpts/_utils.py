@@ -27,6 +27,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_type(model: nn.Module) -> type:
+    """The model's own class, looking through the subclass ``FSDP<Name>`` that FSDP2's
+    ``fully_shard`` gives a module it shards."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return cls
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+
+
 def canonical_name(name: str) -> str:
     """Strip DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes from a parameter name."""
     stripped = True

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sharding import refuse_sharded
+from ._sharding import gathered_weights, is_sharded
 from ._utils import canonical_name, iter_limited, unwrap_model
 from .errors import TrptsKeyError, TrptsTypeError, TrptsValueError
 from .models import ModelAdapter, get_adapter
@@ -156,7 +156,10 @@ def compute_fisher(
     base = unwrap_model(model)
     adapter = get_adapter(base)
     scored = _resolve_params(base, adapter, params)
-    refuse_sharded(scored.values(), "compute_fisher")
+    sharded = any(is_sharded(p) for p in scored.values())
+    if sharded and per_sample:
+        raise TrptsValueError("per_sample=True is not supported on a model sharded with fully_shard; use the "
+                              "default microbatch estimate, or score before fully_shard")
     default_loss = loss_fn is None
     if loss_fn is None:
         def loss_fn(output: Any, targets: Tensor) -> Tensor:  # cross-entropy on the logits
@@ -164,7 +167,8 @@ def compute_fisher(
     device = next(iter(scored.values())).device
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=target or p.device) for n, p in scored.items()}
     count, classes = 0, None
-    with _preserved_state(base, scored, train_mode), torch.inference_mode(False), torch.enable_grad():
+    with (_preserved_state(base, scored, train_mode), gathered_weights(base, list(scored), sharded) as weights,
+          torch.inference_mode(False), torch.enable_grad()):
         for batch in _progress_bar(data, num_batches, progress):
             inputs, targets = (_to(t, device) for t in adapter.batch(batch))
             n = _batch_size(targets, default_loss)
@@ -175,7 +179,7 @@ def compute_fisher(
                 _accumulate_per_sample(base, scored, sums, inputs, targets, loss_fn, chunk_size, train_mode,
                                        score)
             else:
-                _accumulate_batch(base, scored, sums, inputs, targets, loss_fn, n, score)
+                _accumulate_batch(base, scored if weights is None else weights, sums, inputs, targets, loss_fn, n, score)
             count += n
     return _average(sums, count, device, score)
 
@@ -270,10 +274,11 @@ def _progress_bar(data: Iterable[Any], num_batches: int | None, progress: bool) 
                 unit="batch", disable=not progress, leave=False)
 
 
-def _accumulate_batch(base: nn.Module, scored: dict[str, nn.Parameter], sums: dict[str, Tensor],
+def _accumulate_batch(base: nn.Module, scored: dict[str, Tensor], sums: dict[str, Tensor],
                       inputs: Any, targets: Tensor, loss_fn: LossFn, n: int, score: Score) -> None:
     """Add ``n g_b^2`` (``"gradient"``: ``n g_b``) of one batch's mean gradient ``g_b`` to
-    ``sums`` (the microbatch estimate)."""
+    ``sums`` (the microbatch estimate). ``scored``: the tensors to differentiate, by name (the
+    parameters, or under ``fully_shard`` the gathered weights the forward fills in)."""
     loss = loss_fn(base(inputs), targets)
     grads = list(torch.autograd.grad(loss, list(scored.values()), allow_unused=True))
     for i, name in enumerate(scored):

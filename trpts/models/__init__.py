@@ -14,7 +14,7 @@ import pkgutil
 
 from torch import nn
 
-from .._utils import unwrap_model
+from .._utils import model_type, unwrap_model
 from ..errors import UnsupportedModelError
 from .base import ModelAdapter, TokenAdapter
 from .generic import GenericAdapter
@@ -89,7 +89,7 @@ def get_token_adapter(model: nn.Module) -> TokenAdapter:
         base = unwrap_model(model)
         raise UnsupportedModelError(
             f"token selection (wrap_vit) needs a family adapter with token support; "
-            f"{type(base).__qualname__} is {adapter.family} ({adapter.tokens_unsupported}). Families with "
+            f"{model_type(base).__qualname__} is {adapter.family} ({adapter.tokens_unsupported}). Families with "
             f"token selection:\n{supported_families(tokens=True)}\n"
             "Parameter selection (compute_fisher, allocate_connections, apply_masks, deltas) works "
             "on any model."

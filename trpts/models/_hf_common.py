@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._token_flow import TokenFlow, log_sizes, weighted_mean
+from .._utils import model_type
 from ..errors import TrptsValueError
 from ._hf_config import HFConfigMixin
 from .base import ModelAdapter, Removable, TokenAdapter, has_parameters
@@ -49,7 +50,7 @@ class HFVisionAdapter(HFConfigMixin, ModelAdapter):
     #: Attribute names of the classification head(s) on task models.
     _HEADS: ClassVar[tuple[str, ...]] = ("classifier",)
     def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("transformers.") and type(model).__name__ in self._CLASSES
+        return model_type(model).__module__.startswith("transformers.") and model_type(model).__name__ in self._CLASSES
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The bare backbone (the model itself for ``...Model`` classes)."""
@@ -66,7 +67,7 @@ class HFVisionAdapter(HFConfigMixin, ModelAdapter):
             layers = getattr(owner, name, None)
             if isinstance(layers, nn.ModuleList):
                 return list(layers)
-        raise TrptsValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+        raise TrptsValueError(f"cannot find the transformer blocks of {model_type(model).__name__}")
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         return [getattr(model, name) for name in self._HEADS if has_parameters(getattr(model, name, None))]

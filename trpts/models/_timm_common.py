@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .._utils import model_type
 from .base import ModelAdapter
 from .generic import conventional_heads
 
@@ -36,7 +37,7 @@ class TimmBlocksAdapter(ModelAdapter):
     _timm_class: ClassVar[str]
 
     def matches(self, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
+        if not model_type(model).__module__.startswith("timm."):
             return False
         import importlib
 
@@ -79,7 +80,7 @@ class TimmBlocksAdapter(ModelAdapter):
         """``Class:timm_name`` from the model's ``pretrained_cfg`` (the class name alone without it)."""
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
-        return type(model).__name__ + (f":{arch}" if arch else "")
+        return model_type(model).__name__ + (f":{arch}" if arch else "")
 
 
 def pooling_flops(model: nn.Module, heads: list[nn.Module], num_tokens: int, reduced: bool, pooled: int) -> int:

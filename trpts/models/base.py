@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from .._utils import model_type
 from ..errors import TrptsTypeError, TrptsValueError
 
 
@@ -104,7 +105,7 @@ class ModelAdapter(ABC):
 
     def architecture(self, model: nn.Module) -> str:
         """The architecture label stored in delta files (the class name by default)."""
-        return type(model).__name__
+        return model_type(model).__name__
 
     def identity(self, model: nn.Module) -> dict[str, Any]:
         """Everything that decides whether a task delta fits ``model``, stored in delta files and

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._utils import model_type
 from ._hf_common import HFVisionTokenAdapter, refuse_masks, size_weighted_classifier
 from .base import BlockForward, Removable, scores_for
 
@@ -51,17 +52,17 @@ class HFDinov2Adapter(HFVisionTokenAdapter):
         return self.backbone(model).embeddings.patch_embeddings.projection
 
     def token_scores(self, model: nn.Module) -> tuple[str, ...]:
-        return scores_for(True, not type(model).__name__.endswith("ForImageClassification"))
+        return scores_for(True, not model_type(model).__name__.endswith("ForImageClassification"))
 
     def patch_pooling(self, model: nn.Module) -> list[Removable]:
-        if not type(model).__name__.endswith("ForImageClassification"):
+        if not model_type(model).__name__.endswith("ForImageClassification"):
             return []  # the bare models are pooled by [CLS]
         return size_weighted_classifier(self.backbone(model), model.classifier, model._trpts_flow,
                                         self.num_prefix_tokens(model))
 
     def pool_flops(self, model: nn.Module, num_tokens: int, reduced: bool) -> int:
         flops = super().pool_flops(model, num_tokens, reduced)
-        if reduced and type(model).__name__.endswith("ForImageClassification"):
+        if reduced and model_type(model).__name__.endswith("ForImageClassification"):
             flops += 2 * (num_tokens - self.num_prefix_tokens(model)) * self.backbone(model).config.hidden_size
         return flops
 

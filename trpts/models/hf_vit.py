@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._utils import model_type
 from ..errors import TrptsValueError
 from ._hf_config import HFConfigMixin
 from .base import BlockForward, TokenAdapter, has_parameters
@@ -38,7 +39,7 @@ class HFViTAdapter(HFConfigMixin, TokenAdapter):
     _CLASSES = ("ViTModel", "ViTForImageClassification")
 
     def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("transformers.") and type(model).__name__ in self._CLASSES
+        return model_type(model).__module__.startswith("transformers.") and model_type(model).__name__ in self._CLASSES
 
     @staticmethod
     def _backbone(model: nn.Module) -> nn.Module:
@@ -47,7 +48,7 @@ class HFViTAdapter(HFConfigMixin, TokenAdapter):
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         vit = self._backbone(model)
         if not hasattr(vit, "layers"):
-            raise TrptsValueError(f"{type(model).__name__} has no .layers: trpts needs transformers >= 5.9")
+            raise TrptsValueError(f"{model_type(model).__name__} has no .layers: trpts needs transformers >= 5.9")
         return list(vit.layers)
 
     def patch_embedding(self, model: nn.Module) -> nn.Module | None:
