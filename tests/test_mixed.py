@@ -20,16 +20,20 @@ FAMILIES = {
     "timm-eva02": make_timm_eva,
     "hf-vit": make_hf_vit,
 }
-TASKS = {"t5": (5, 0, False), "t3": (3, 1, True), "t7": (7, 2, False)}  # classes, seed, trained biases
+# classes, seed, trained biases, Fisher-like selection (in few input columns: the W0 x + dW x path)
+TASKS = {"t5": (5, 0, False, False), "t3": (3, 1, True, False), "t7": (7, 2, False, False), "c4": (4, 3, True, True)}
 
 
 def _logits(out):
     return out if torch.is_tensor(out) else out.logits
 
 
-def train_task(backbone, *, classes, seed, biases=False, extra=(), budget=0.05, tokens=None):
+def train_task(backbone, *, classes, seed, biases=False, extra=(), budget=0.05, tokens=None, few_columns=False,
+               skip=()):
     """A fine-tuned copy of ``backbone`` with a new ``classes``-way head: random-score
-    selection, masks, two AdamW steps at a large rate (so every trained value moves)."""
+    selection, masks, two AdamW steps at a large rate (so every trained value moves).
+    ``few_columns``: scores 1000x larger in 1/10 of each linear weight's input columns, as real
+    Fisher scores are (a few input channels carry most of the activation energy)."""
     model = copy.deepcopy(backbone)
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(classes)
@@ -37,7 +41,11 @@ def train_task(backbone, *, classes, seed, biases=False, extra=(), budget=0.05, 
         model.classifier = torch.nn.Linear(model.classifier.in_features, classes)
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
-    fisher = {n: torch.rand(params[n].shape, generator=g) for n in trpts.default_scored_parameters(model)}
+    fisher = {n: torch.rand(params[n].shape, generator=g) for n in trpts.default_scored_parameters(model)
+              if n not in skip}
+    for f in fisher.values():
+        if few_columns and f.ndim == 2:
+            f[:, torch.randperm(f.shape[1], generator=g)[:max(2, f.shape[1] // 10)]] *= 1000
     selection = trpts.allocate_connections(fisher, budget=budget, model=model)
     handle = trpts.apply_masks(model, selection, train_biases=biases, extra_trainable=extra)
     optimizer = torch.optim.AdamW(handle.param_groups(weight_decay=0.0), lr=3e-2)
@@ -57,9 +65,10 @@ def train_task(backbone, *, classes, seed, biases=False, extra=(), budget=0.05, 
 def _files(family, tmp):
     backbone = FAMILIES[family]().eval()
     paths = {}
-    for name, (classes, seed, biases) in TASKS.items():
+    for name, (classes, seed, biases, few) in TASKS.items():
         path = f"{tmp}/{family}-{name}.safetensors"
-        trpts.save_delta(train_task(backbone, classes=classes, seed=seed, biases=biases), path, name=name)
+        trained = train_task(backbone, classes=classes, seed=seed, biases=biases, few_columns=few)
+        trpts.save_delta(trained, path, name=name)
         paths[name] = path
     return backbone, paths
 
@@ -134,16 +143,35 @@ def test_tasks_differ_and_trained_norms_are_applied_per_sample(tmp):
 
 
 def test_bf16_autocast(tmp):
+    """Under autocast every group computes with its own weights (the region's cached bf16 copies
+    of the backbone's are dropped after each write), in both linear paths."""
     model = loaded("timm-vit", tmp)
-    x = torch.randn(5, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-    tasks = ["t7", "t5", "t7", None, "t3"]
+    x = torch.randn(6, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    tasks = ["t7", "c4", "t5", "t7", None, "t3"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = trpts.forward_tasks(model, x, tasks)
-        reference = {t: alone(model, x, t) for t in set(tasks)}
+    reference = {}
+    for t in set(tasks):  # each in its own region: autocast caches its casts of the weights per region
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference[t] = alone(model, x, t)
     for i, t in enumerate(tasks):
         assert out[i].dtype == torch.bfloat16
         torch.testing.assert_close(out[i], reference[t][i], rtol=2e-2, atol=2e-2)
 
+
+
+def test_switching_tasks_inside_one_autocast_region(tmp):
+    """activate_delta inside an autocast region: the next forward uses the new task's weights,
+    not the region's cached bf16 copies of the previous ones."""
+    model = loaded("timm-vit", tmp)
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(4))
+    fresh = {}
+    for t in ("t5", "c4"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fresh[t] = alone(model, x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first, second = alone(model, x, "t5"), alone(model, x, "c4")
+    assert torch.equal(first, fresh["t5"]) and torch.equal(second, fresh["c4"])
 
 def test_token_settings_shared_or_not(tmp):
     """Tasks that select tokens alike share one pass; different settings (another rho and block,
@@ -212,3 +240,35 @@ def test_a_changed_tensor_used_elsewhere_is_an_error_that_leaves_the_model_as_it
     assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 5
     out = trpts.forward_tasks(model, x, ["t7", "t7"])  # still usable
     torch.testing.assert_close(out[1], alone(model, x, "t7")[1], rtol=1e-5, atol=1e-5)
+
+
+
+def test_few_column_changes_add_to_one_backbone_matmul(tmp):
+    """Fisher-like deltas (entries in few input columns) and a bias-only change run as one
+    backbone matmul plus each group's change over its columns (``W0 x + dW x``); mixed with a
+    delta spread over all columns (its rows recomputed with its values written in), every sample
+    still equals its task alone. The ``W0 x + dW x`` path is really taken (it caches the change
+    of every few-column linear weight)."""
+    from trpts import mixed
+
+    backbone = make_timm_vit().eval()
+    model = copy.deepcopy(backbone)
+    files = _files("timm-vit", tmp)[1]
+    trpts.load_delta(model, files["c4"])
+    trpts.load_delta(model, files["t7"])
+    bias_only = train_task(backbone, classes=5, seed=5, extra=["blocks.1.mlp.fc2.bias"], few_columns=True,
+                           skip=["blocks.1.mlp.fc2.weight"])
+    with torch.no_grad():
+        bias_only.blocks[1].mlp.fc2.bias += 0.5
+    path = f"{tmp}/bias-only.safetensors"
+    trpts.save_delta(bias_only, path, name="b")
+    trpts.load_delta(model, path)
+    assert "blocks.1.mlp.fc2.weight" not in trpts.Selection.from_delta(path)
+    x = torch.randn(6, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
+    tasks = ["c4", "t7", "b", None, "c4", "b"]
+    before = set(mixed._COLUMNS)
+    out = trpts.forward_tasks(model, x, tasks)
+    linears = [n for n in trpts.Selection.from_delta(files["c4"]) if ".attn." in n or ".mlp." in n]
+    assert sum(v is not None for k, v in mixed._COLUMNS.items() if k not in before) >= len(linears) + 7
+    for i, t in enumerate(tasks):
+        torch.testing.assert_close(out[i], alone(model, x, t)[i], rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -38,6 +39,14 @@ def model_type(model: nn.Module) -> type:
     if not issubclass(cls, FSDPModule):
         return cls
     return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+
+
+def forget_autocast_casts(written: Iterable[Tensor]) -> None:
+    """Autocast keeps, for its region, the low-precision copy of each weight it has cast; once
+    values are written into such a weight in place that copy is stale (the next forward in the
+    region would still use the old values), so after in-place writes it is dropped."""
+    if any(torch.is_autocast_enabled(t.device.type) for t in written):
+        torch.clear_autocast_cache()
 
 
 def canonical_name(name: str) -> str:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._sharding import full_value, is_sharded, refuse_sharded
 from ._state import model_state, update_state
-from ._utils import atomic_write, unwrap_model
+from ._utils import atomic_write, forget_autocast_casts, unwrap_model
 from .delta_format import (
     FORMAT_VERSION,
     _version,
@@ -184,6 +184,7 @@ class _Bank:
             self.params[m].view(-1).index_put_((idx,), values[m])
         for n, v in full.items():
             self.params[n].copy_(v)
+        forget_autocast_casts(self.params[n] for n in (*task.index, *full))
         for p, head in heads.items():
             self._set_module(p, head)
         if heads:
