@@ -48,6 +48,7 @@ _SLOTS: dict[Any, tuple[tuple[int, str], ...]] = {
 }
 # A weight change is applied as ``W0 x + dW x`` when it touches at most 1/_SKINNY of the inputs.
 _SKINNY = 8
+_WRITE = "write"  # a group whose values must be written into the weight for its rows
 # Each task's change as (columns, dense change there), built once per loaded delta: keyed by the
 # id of the delta's values tensor, and dropped when that tensor goes.
 _COLUMNS: dict[int, tuple[Tensor, Tensor] | None] = {}
@@ -128,10 +129,11 @@ class _MixedCalls(TorchFunctionMode):
                 "inputs there. Run the tasks one at a time (activate_delta)")
         if func is F.linear:
             fixes = [self._fix(g, *used) for g in range(len(self.groups))]
-            if any(callable(f) for f in fixes):
-                return self._base_and_fixes(args, kwargs, x, changed, fixes)
+            adding = any(isinstance(f, _Fix) for f in fixes)
             if _plain_linear(x, used[0]):
-                return self._linear(x, used[0], used[1], changed)
+                return self._linear(x, used[0], used[1], changed, fixes if adding else None)
+            if adding:
+                return self._base_and_fixes(args, kwargs, x, changed, fixes)
         return self._per_group(func, args, kwargs, x, changed)
 
     def _per_group(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor,
@@ -143,33 +145,30 @@ class _MixedCalls(TorchFunctionMode):
                 outs.append(func(x[rows], *args[1:], **kwargs))
         return torch.cat(outs)
 
-    def _fix(self, group: int, weight: Any, bias: Any) -> Any:
-        """How ``group`` differs in ``F.linear(x, weight, bias)``: ``None`` (not at all), a function
-        of its rows giving the change to add (``dW x + db``, ``dW`` over few columns), or
-        ``"write"`` (its values must be written in)."""
+    def _fix(self, group: int, weight: Any, bias: Any) -> _Fix | str | None:
+        """How ``group`` differs in ``F.linear(x, weight, bias)``: ``None`` (not at all), a
+        :class:`_Fix` to add to the backbone's output, or ``_WRITE`` (its values must be written in:
+        a change spread over many input columns)."""
         patch_w, patch_b = (self.patches[id(t)][group] if id(t) in self.patches else None for t in (weight, bias))
         if patch_w is None and patch_b is None:
             return None
         columns = patch_w.columns(weight) if patch_w is not None else None
         if patch_w is not None and columns is None:
-            return "write"
-        db = patch_b.change(bias) if patch_b is not None else None
-        if columns is None:
-            return lambda x: db
-        cols, dw = columns
-        return lambda x: F.linear(x.index_select(-1, cols), dw, db)
+            return _WRITE
+        cols, dw = columns if columns is not None else (None, None)
+        return _Fix(cols, dw, patch_b.change(bias) if patch_b is not None else None)
 
     def _base_and_fixes(self, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor, changed: list[Tensor],
-                        fixes: list[Any]) -> Tensor:
+                        fixes: list[_Fix | str | None]) -> Tensor:
         """``F.linear`` over the whole batch with the backbone's values, then each group's fix:
         its change added (``W0 x + dW x``) or its rows recomputed with its values written in."""
         out = F.linear(*args, **kwargs)
         for g, (rows, fix) in enumerate(zip(self.groups, fixes, strict=True)):
-            if fix == "write":
+            if fix == _WRITE:
                 with self._patched(changed, g):
                     out[rows] = F.linear(x[rows], *args[1:], **kwargs)
-            elif fix is not None:
-                out[rows] += fix(x[rows])
+            elif isinstance(fix, _Fix):
+                fix.add_to(out[rows], x[rows], plain=False)
         return out
 
     @contextmanager
@@ -186,20 +185,54 @@ class _MixedCalls(TorchFunctionMode):
                 p.write(t, p.base)
             forget_autocast_casts(t for t, _ in todo)
 
-    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, changed: list[Tensor]) -> Tensor:
-        """``F.linear`` group by group straight into one output (``addmm(out=)`` on row slices:
-        no concatenation pass over the activations)."""
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, changed: list[Tensor],
+                fixes: list[_Fix | str | None] | None) -> Tensor:
+        """``F.linear`` straight into one output, on row slices (``addmm(out=)``: no concatenation
+        pass over the activations). With ``fixes``: the backbone's values over all rows, then each
+        group's fix (added, or its rows recomputed with its values written in); without: group by
+        group with its values written in."""
         out = x.new_empty((*x.shape[:-1], weight.shape[0]))
         x2, o2 = x.view(-1, x.shape[-1]), out.view(-1, weight.shape[0])
         per = x2.shape[0] // self.batch  # rows per sample (tokens)
+        if fixes is not None:
+            _addmm(x2, weight, bias, o2)
         for g, rows in enumerate(self.groups):
             r = slice(rows.start * per, rows.stop * per)
-            with self._patched(changed, g):
-                if bias is None:
-                    torch.mm(x2[r], weight.t(), out=o2[r])
-                else:
-                    torch.addmm(bias, x2[r], weight.t(), out=o2[r])
+            if fixes is None or fixes[g] == _WRITE:
+                with self._patched(changed, g):
+                    _addmm(x2[r], weight, bias, o2[r])
+            elif isinstance(fix := fixes[g], _Fix):
+                fix.add_to(o2[r], x2[r], plain=True)
         return out
+
+
+@dataclass(frozen=True)
+class _Fix:
+    """A group's change to one ``F.linear`` as a term to add to the backbone's output: the weight's
+    change over the input columns ``cols`` (``dw``: ``[out, len(cols)]``) and the bias's ``db``."""
+
+    cols: Tensor | None
+    dw: Tensor | None
+    db: Tensor | None
+
+    def add_to(self, out: Tensor, x: Tensor, plain: bool) -> None:
+        """``out += dW x + db`` for one group's rows (``plain``: 2-D tensors of the weight's
+        dtype outside autocast, added in place by ``addmm_``)."""
+        if self.dw is not None:
+            picked = x.index_select(-1, self.cols)
+            if plain:
+                out.addmm_(picked, self.dw.t())
+            else:
+                out.add_(F.linear(picked, self.dw))
+        if self.db is not None:
+            out.add_(self.db)
+
+
+def _addmm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _plain_linear(x: Tensor, weight: Any) -> bool:
