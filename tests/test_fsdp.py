@@ -60,6 +60,7 @@ def _train(model, handle, batches):
         F.cross_entropy(_logits(model(x)), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         optimizer.step()
+    return optimizer
 
 
 def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
@@ -101,24 +102,52 @@ def _worker(rank: int, init_file: str, out_dir: str, family: str) -> None:
                 refusals[what] = str(err)
         sparse = _model(family)
         sparse_handle = trpts.apply_masks(sparse, _selection(sparse), storage="sparse")
+        for block in _blocks(sparse):
+            fully_shard(block)
         fully_shard(sparse)
-        optimizer = torch.optim.AdamW(sparse_handle.param_groups(), lr=1e-2)
-        x, y = _batches(rank)[0]
-        F.cross_entropy(_logits(sparse(x)), y).backward()
-        try:
-            optimizer.step()
-            refusals["sparse storage"] = "not refused"
-        except trpts.TrptsRuntimeError as err:
-            refusals["sparse storage"] = str(err)
+        optimizer = _train(sparse, sparse_handle, _batches(rank))
+        trpts.save_delta(sparse, os.path.join(out_dir, "sparse-sharded.safetensors"), name="task")
+        k = {n: v.shape[0] for n, v in sparse_handle.values.items()}  # the global length
+        state = [optimizer.state[v]["exp_avg"].to_local().numel() for v in sparse_handle.values.values()]
+        sparse_local = {"k": sum(k.values()), "adam_state_local": sum(state),
+                        "sharded": all(trpts._sharding.is_sharded(v) for v in sparse_handle.values.values())}
+        saved = sparse.state_dict()
+        sparse.load_state_dict(saved)  # a sharded checkpoint round trip (raw weight + values)
+        sparse_local["state_keys"] = sorted(k for k in saved if k.endswith("trpts_values"))
+        for what, call in {"sparse merge_and_unload": sparse_handle.merge_and_unload,
+                           "sparse plain state_dict": lambda: sparse.load_state_dict(
+                               {k: v for k, v in saved.items() if not k.endswith("trpts_values")}, strict=False)}.items():
+            try:
+                call()
+                refusals[what] = "not refused"
+            except trpts.TrptsRuntimeError as err:
+                refusals[what] = str(err)
         params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
         handle.merge_and_unload()
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save({"params": params, "refusals": refusals, "flags": flags, "fisher": fisher,
+            torch.save({"params": params, "refusals": refusals, "flags": flags, "fisher": fisher, "sparse": sparse_local,
                         "unsharded_fisher": unsharded_fisher, "per_sample_refusal": per_sample_refusal},
                        os.path.join(out_dir, "rank0.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _same_delta(path, reference):
+    """Same metadata (FSDP's class FSDP<Name> looked through), same columns, values equal up to
+    the float rounding of a different reduction order."""
+    import trpts
+
+    meta_s, tensors_s = trpts.read_delta(path)
+    meta_1, tensors_1 = trpts.read_delta(reference)
+    assert meta_s["fingerprint"] == meta_1["fingerprint"] and sorted(tensors_s) == sorted(tensors_1)
+    for key in ("family", "architecture", "identity", "heads", "full"):
+        assert meta_s[key] == meta_1[key], key
+    for k, t in tensors_1.items():
+        if k.startswith("columns:"):
+            assert torch.equal(tensors_s[k], t), k
+        else:
+            torch.testing.assert_close(tensors_s[k], t, rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("family", ["timm", "hf"])
@@ -144,16 +173,19 @@ def test_fully_shard_after_apply_masks_trains_like_one_process(tmp_path, family)
             assert torch.equal(sharded[~selection[n]], before[n].detach()[~selection[n]]), n
             assert bool((sharded[selection[n]] != before[n].detach()[selection[n]]).all()), n
         torch.testing.assert_close(sharded, p.detach(), rtol=1e-4, atol=1e-5, msg=n)
-    meta_s, tensors_s = trpts.read_delta(tmp_path / "sharded.safetensors")
-    meta_1, tensors_1 = trpts.read_delta(tmp_path / "single.safetensors")
-    assert meta_s["fingerprint"] == meta_1["fingerprint"] and sorted(tensors_s) == sorted(tensors_1)
-    for key in ("family", "architecture", "identity", "heads", "full"):  # FSDP's class FSDP<Name> looked through
-        assert meta_s[key] == meta_1[key], key
-    for k, t in tensors_1.items():
-        if k.startswith("columns:"):
-            assert torch.equal(tensors_s[k], t), k
-        else:
-            torch.testing.assert_close(tensors_s[k], t, rtol=1e-4, atol=1e-5, msg=k)
+    _same_delta(tmp_path / "sharded.safetensors", tmp_path / "single.safetensors")
+
+    # sparse storage: the same training (its delta equals one process's), O(k) optimizer state
+    # split over the ranks, the compact vectors in a sharded checkpoint
+    single_sparse = copy.deepcopy(original)
+    _train(single_sparse, trpts.apply_masks(single_sparse, selection, storage="sparse"), both)
+    trpts.save_delta(single_sparse, tmp_path / "sparse-single.safetensors", name="task")
+    _same_delta(tmp_path / "sparse-sharded.safetensors", tmp_path / "sparse-single.safetensors")
+    _same_delta(tmp_path / "sparse-sharded.safetensors", tmp_path / "single.safetensors")  # as the hooks train
+    sparse = got["sparse"]
+    assert sparse["sharded"] and sparse["k"] == selection.num_selected
+    assert sparse["adam_state_local"] <= sparse["k"] // WORLD + len(sparse["state_keys"])
+    assert len(sparse["state_keys"]) == len(selection)
 
     # Fisher on the sharded model: one process's scores over both ranks' batches (and the
     # unsharded model on the same processes gives them too: the all-reduce is the same)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from ._sharding import gather_selected, is_sharded, refuse_sharded
+from ._sharding import full_value, gather_selected, is_sharded, refuse_sharded
 from ._state import model_state, update_state
 from ._utils import canonical_name, fmt_count, unwrap_model
 from .allocation import Selection
@@ -37,7 +37,7 @@ from .errors import (
     WeightDecayError,
 )
 from .models import get_adapter
-from .sparse import SparseStorage, check_sparse_module
+from .sparse import VALUES, SparseStorage, check_sparse_module
 
 __all__ = ["MaskHandle", "SparseMaskHandle", "Storage", "apply_masks", "get_mask_handle"]
 
@@ -395,31 +395,39 @@ class SparseMaskHandle(MaskHandle):
         self._owners = owners
         self._storages: dict[str, SparseStorage] = {}
         self._merge = False
-        self.values: dict[str, nn.Parameter] = {}
+
+    @property
+    def values(self) -> dict[str, nn.Parameter]:
+        """Each masked weight's compact value vector, as the model holds it now (looked up by
+        name: under ``fully_shard`` these are the sharded parameters the optimizer steps)."""
+        if not self._storages:
+            return {}
+        named = self._named()
+        return {n: named[f"{n.rpartition('.')[0]}.{VALUES}" if "." in n else VALUES] for n in self._storages}
 
     def _attach(self) -> None:
         self._merge = False  # a failed install restores the weights untouched
         for name, module in self._owners.items():
             storage = SparseStorage(module, self.selection.indices(name), self._initial[name])
-            self.values[name] = storage.install()
+            storage.install()
             self._storages[name] = storage
         self._merge = True
-        step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))  # refuses fully_shard
+        step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))
         self._hooks.append(step_hook)
         weakref.finalize(self, step_hook.remove)
 
-    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._model_ref() is not None:
-            refuse_sharded(self._named().values(), "storage='sparse'")
-        super()._check_step(optimizer, args, kwargs)
+    def _uninstall(self, keep: bool) -> None:
+        if self._active and self._model_ref() is not None:
+            refuse_sharded(self.values.values(), "merge_and_unload() / unload() with storage='sparse'")
+        super()._uninstall(keep)
 
     def _read_selected(self, name: str) -> Tensor:
-        if name in self.values:
-            return self.values[name].detach().clone()
+        if name in self._storages:
+            return full_value(self.values[name].detach()).clone()
         return super()._read_selected(name)
 
     def _write_selected(self, name: str, values: Tensor) -> None:
-        if name in self.values:  # the forward writes them into the weight
+        if name in self._storages:  # the forward writes them into the weight
             self.values[name].copy_(values)
         else:
             super()._write_selected(name, values)
@@ -428,13 +436,12 @@ class SparseMaskHandle(MaskHandle):
         for storage in self._storages.values():
             storage.remove(merge=self._merge)
         self._storages.clear()
-        self.values = {}
         super()._detach()
 
     def selected_values(self, name: str) -> Tensor:
-        if self._active and name in self.values:
+        if self._active and name in self._storages:
             info = self.selection.matrices[name]
-            return self.values[name].detach().view(info.rows, info.connections).clone()
+            return self._read_selected(name).view(info.rows, info.connections)
         return super().selected_values(name)
 
     def parameters(self) -> list[nn.Parameter]:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._native import NativeKernelUnavailable, native_sddmm
+from ._sharding import is_sharded
 from ._triton import TritonKernelUnavailable, triton_sddmm
-from .errors import TrptsTypeError, TrptsValueError, TrptsWarning
+from .errors import TrptsRuntimeError, TrptsTypeError, TrptsValueError, TrptsWarning
 
 __all__ = ["SparseStorage", "check_sparse_module", "get_sparse_kernel", "set_sparse_kernel", "sparse_weight_grad"]
 
@@ -269,7 +270,13 @@ def _weight_for(ctx: Any, weight: Tensor, values: Tensor, index: Tensor) -> Tens
 
 
 def _weight_back(ctx: Any, values: Tensor, index: Tensor) -> Tensor:
-    return ctx.weight if ctx.in_place else _effective(ctx.weight, values, index)
+    """The effective weight again for backward. In place, the values are written once more
+    (O(k)): ``fully_shard`` frees the gathered ``W`` after forward and gathers it again from its
+    shards, which never hold them."""
+    if not ctx.in_place:
+        return _effective(ctx.weight, values, index)
+    _write(ctx.weight, values, index)
+    return ctx.weight
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -397,7 +404,11 @@ class SparseStorage:
 
 
 def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """Show the plain module: the effective weight under ``weight``, no values key."""
+    """Show the plain module: the effective weight under ``weight``, no values key. Under
+    ``fully_shard`` the shards are kept as they are (the raw weight and ``trpts_values``), which
+    is what a sharded checkpoint needs to resume."""
+    if is_sharded(state_dict.get(prefix + VALUES)):
+        return
     values = state_dict.pop(prefix + VALUES, None)
     key = prefix + "weight"
     if values is not None and key in state_dict:
@@ -410,5 +421,10 @@ def _load_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args
     if key in state_dict and prefix + VALUES not in state_dict:
         index = getattr(module, INDEX)
         w = state_dict[key]
+        if is_sharded(w):
+            raise TrptsRuntimeError(
+                f"loading a plain {key!r} into a model with storage='sparse' sharded by fully_shard is not "
+                "supported: load it before fully_shard, or load a state_dict saved from the sharded model "
+                f"(it holds {prefix + VALUES!r})")
         state_dict[prefix + VALUES] = w.reshape(index.shape[0], -1).gather(1, index.to(w.device)).reshape(-1)
 
