@@ -187,15 +187,27 @@ def test_fgvc_harness_on_a_generated_dataset(tmp_path):
     assert result["eval_split"] == "val" and result["trained_values"] > 0
 
 
-def test_hf_trainer_example_on_two_processes(tmp_path):
-    """The Trainer example under torchrun with 2 CPU processes: the Trainer really runs DDP, both
-    ranks end with the same model (same test accuracy) and rank 0 alone writes the delta."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+    # accelerate's DDP launcher (torchrun underneath); --multi_gpu also drives CPU processes,
+    # while --cpu with several processes needs mpirun
+    "accelerate": ["-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29518"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_hf_trainer_example_on_two_processes(tmp_path, launcher):
+    """The Trainer example under torchrun and under ``accelerate launch`` with 2 CPU processes:
+    the Trainer really runs DDP, both ranks end with the same model (same test accuracy) and
+    rank 0 alone writes the delta."""
     import re
 
     import trpts
 
-    out = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               "examples/hf_trainer.py", "--epochs", "0.5", "--out", str(tmp_path), timeout=600)
+    out = _run(*LAUNCHERS[launcher], "examples/hf_trainer.py", "--epochs", "0.5", "--out", str(tmp_path),
+               timeout=600)
     ranks = dict(re.findall(r"rank (\d)/2 \(DistributedDataParallel\): test accuracy ([\d.]+)%", out))
     assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"], out
     meta, tensors = trpts.read_delta(tmp_path / "position.safetensors")
