@@ -81,10 +81,10 @@ def tmp(tmp_path_factory):
 @pytest.fixture(autouse=True, params=["add", "split"])
 def linear_path(request, monkeypatch):
     """Every test runs with few-column changes added to one backbone matmul (what calls with
-    more than 16 task groups do) and with per-group matmul blocks (fewer groups)."""
+    small task groups do) and with per-group matmul blocks (large groups)."""
     from trpts import mixed
 
-    monkeypatch.setattr(mixed, "_ADD_ABOVE", 0 if request.param == "add" else 10**6)
+    monkeypatch.setattr(mixed, "_ADD_BELOW_ROWS", 10**9 if request.param == "add" else 0)
     return request.param
 
 

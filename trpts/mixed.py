@@ -10,12 +10,13 @@ writes per group and layer: no copy of the weight, no dense ``W + dW``). So each
 with exactly the weights :func:`trpts.activate_delta` would give it; the only difference from a
 one-task batch is the matmul's rounding for a different number of rows.
 
-With many groups (more than 16), a linear layer whose changes touch few input columns (Fisher
+When the groups are small (under 1,024 rows of a layer's input each, e.g. 5 images of 197
+tokens), a linear layer whose changes touch few input columns (Fisher
 selections do: on a pretrained DINOv2 ViT-S at 0.5 %, each layer's entries sit in 5-30 of its
 384 or 1,536 input columns) runs instead as one matmul over the whole batch with the backbone's
 weight, plus, for each group, the change as a skinny matmul over those columns: ``W0 x + dW x``
 rather than ``(W0 + dW) x``, equal up to float rounding (a few ulps of the output). Splitting a
-matmul into many small ones costs more than that extra pass once the groups are many.
+matmul into small blocks costs more than that extra pass over the output.
 Each head is swapped, for the call, for one that applies every group's own head to its rows.
 """
 
@@ -49,10 +50,10 @@ _SLOTS: dict[Any, tuple[tuple[int, str], ...]] = {
 # A weight change is applied as ``W0 x + dW x`` when it touches at most 1/_SKINNY of the inputs.
 _SKINNY = 8
 _WRITE = "write"  # a group whose values must be written into the weight for its rows
-# ... and only when more than _ADD_ABOVE groups of a call can: with fewer, per-group matmul blocks
-# cost less than the extra pass over the output that adding takes (CPU, ViT-B qkv, 64 images:
-# +2.5 % in 16 blocks, +24 % in 64; adding about +5 % at any count).
-_ADD_ABOVE = 16
+# ... and only when the call's groups average fewer than _ADD_BELOW_ROWS rows: larger per-group
+# matmul blocks cost less than the extra pass over the output that adding takes (CPU, ViT-B:
+# blocks of 788 rows +2.5 % plus the writes, 394 rows +15 %, 197 rows +24 %; adding +4-6 %).
+_ADD_BELOW_ROWS = 1024
 # Each task's change as (columns, dense change there), built once per loaded delta: keyed by the
 # id of the delta's values tensor, and dropped when that tensor goes.
 _COLUMNS: dict[int, tuple[Tensor, Tensor] | None] = {}
@@ -133,7 +134,8 @@ class _MixedCalls(TorchFunctionMode):
                 "inputs there. Run the tasks one at a time (activate_delta)")
         if func is F.linear:
             fixes = [self._fix(g, *used) for g in range(len(self.groups))]
-            adding = sum(isinstance(f, _Fix) for f in fixes) > _ADD_ABOVE
+            small = x.numel() // max(1, x.shape[-1]) < _ADD_BELOW_ROWS * len(self.groups)
+            adding = small and any(isinstance(f, _Fix) for f in fixes)
             if _plain_linear(x, used[0]):
                 return self._linear(x, used[0], used[1], changed, fixes if adding else None)
             if adding:
