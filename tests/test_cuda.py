@@ -199,7 +199,8 @@ def test_sparse_storage_whole_path_on_cuda_bf16(tmp_path):
 
 
 def test_forward_tasks_on_cuda(tmp_path):
-    """Mixed-task batches on the GPU in bf16: every sample equals its task activated alone."""
+    """Mixed-task batches on the GPU in bf16 (both linear paths): every sample equals its task
+    activated alone (activate_delta drops autocast's cached casts, so the references are fresh)."""
     import copy
 
     dev = torch.device("cuda")
@@ -208,6 +209,9 @@ def test_forward_tasks_on_cuda(tmp_path):
     for i in range(3):
         model = copy.deepcopy(backbone)
         fisher = {n: torch.rand(params[n].shape, device=dev) for n in trpts.default_scored_parameters(model)}
+        for f in fisher.values():  # t1 Fisher-like (few input columns): the W0 x + dW x path
+            if i == 1 and f.ndim == 2:
+                f[:, : max(2, f.shape[1] // 10)] += 1.0
         handle = trpts.apply_masks(model, trpts.allocate_connections(fisher, budget=0.05, model=model))
         with torch.no_grad():
             for p in handle.parameters():

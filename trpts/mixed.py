@@ -88,12 +88,13 @@ class _Patch:
             return None
         key = id(self.values)
         if key not in _COLUMNS:
-            rows, cols = self.index // weight.shape[1], self.index % weight.shape[1]
+            index = self.index.to(weight.device)
+            rows, cols = index // weight.shape[1], index % weight.shape[1]
             used, position = torch.unique(cols, return_inverse=True)
             dense = None
             if used.numel() * _SKINNY <= weight.shape[1]:
                 dense = weight.new_zeros((weight.shape[0], used.numel()))
-                dense.index_put_((rows, position), (self.values - self.base).to(weight.dtype))
+                dense.index_put_((rows, position), (self.values - self.base).to(weight.device, weight.dtype))
             _COLUMNS[key] = (used, dense) if dense is not None else None
             weakref.finalize(self.values, _COLUMNS.pop, key, None)
         return _COLUMNS[key]
