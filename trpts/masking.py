@@ -412,9 +412,6 @@ class SparseMaskHandle(MaskHandle):
             storage.install()
             self._storages[name] = storage
         self._merge = True
-        step_hook = register_optimizer_step_pre_hook(_weak_step_check(self))
-        self._hooks.append(step_hook)
-        weakref.finalize(self, step_hook.remove)
 
     def _uninstall(self, keep: bool) -> None:
         if self._active and self._model_ref() is not None:
