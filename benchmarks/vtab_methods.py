@@ -67,6 +67,14 @@ def _p0_ablation(**change: Any) -> Method:
     return Method("trpts", (), {"share_power": 0.0, **change}, P0, every_task=True)
 
 
+D1 = "share_power 0 + tokens at lr 1e-3 (GPS-style's rate)"  # the library's recipe (defaults and rates)
+
+
+def _default_ablation(**change: Any) -> Method:
+    """One change to the library's recipe (share_power 0, tokens, lr 1e-3), on every task."""
+    return Method("trpts", (), {"placement": "sparse", "share_power": 0.0, **change}, D1, every_task=True, lr=1e-3)
+
+
 METHODS: dict[str, Method] = {
     "linear probe": Method("head", HEAD_GRID),
     "full fine-tuning": Method("full", (1e-5, 3e-5, 1e-4)),
@@ -106,9 +114,11 @@ METHODS: dict[str, Method] = {
     # GPS-style without the masked layers' biases: its entries alone (the default's count)
     "GPS-style, no biases": Method("gps", (), {"no_biases": True}, "GPS-style", every_task=True),
     # the default at GPS-style's rate on every task: is the learning rate the rest of the gap?
-    "share_power 0 + tokens at lr 1e-3 (GPS-style's rate)": Method("trpts", (), {"placement": "sparse",
-                                                                                "share_power": 0.0},
-                                                                   P0, every_task=True, lr=1e-3),
+    D1: Method("trpts", (), {"placement": "sparse", "share_power": 0.0}, P0, every_task=True, lr=1e-3),
+    # one change to that default (the library's recipe, lr 1e-3) on every task: the issue's ablations
+    "default: per-sample Fisher": _default_ablation(per_sample=True),
+    "default: C=2 + biases (the same count)": _default_ablation(biases=True, budget=0.0039),
+    "default: rho 0.5": _default_ablation(rho=0.5),
 }
 
 
