@@ -273,7 +273,7 @@ def test_cli_info_merge_and_errors(tmp_path):
     assert helped.returncode == 0 and "info" in helped.stdout and "merge" in helped.stdout
     info = run("info", str(delta))
     assert info.returncode == 0, info.stderr
-    for text in ("fingerprint", "format version  2", "timm-vit", "blocks.0.attn.qkv.weight", "head"):
+    for text in ("fingerprint", "format version  3", "timm-vit", "blocks.0.attn.qkv.weight", "head"):
         assert text in info.stdout
     merged = run("merge", str(delta), "--model", "vit_tiny_patch16_224", "--num-classes", "10",
                  "--weights", str(tmp_path / "base.safetensors"), "--out", str(tmp_path / "merged.safetensors"))

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .fisher import compute_fisher, default_scored_parameters
 from .flops import count_flops, token_counts
+from .gate import TokenGate, token_gate_stats
 from .masking import MaskHandle, SparseMaskHandle, apply_masks, get_mask_handle
 from .mixed import forward_tasks
 from .token_scores import mean_attention
@@ -73,6 +74,7 @@ __all__ = [
     "Selection",
     "SparseMaskHandle",
     "TokenConfig",
+    "TokenGate",
     "TokenSelectMerge",
     "TrptsError",
     "TrptsKeyError",
@@ -108,6 +110,7 @@ __all__ = [
     "save_delta",
     "selection_overlap",
     "token_counts",
+    "token_gate_stats",
     "token_sizes",
     "unwrap_vit",
     "wrap_vit",

@@ -34,7 +34,7 @@ def _info(args: argparse.Namespace) -> int:
     selected = sum(v.numel() for k, v in tensors.items() if k.startswith("values:"))
     full = sum(v.numel() for k, v in tensors.items() if k.startswith("full:"))
     dtypes = sorted({str(v.dtype).replace("torch.", "") for k, v in tensors.items() if not k.startswith("columns:")})
-    tokens = meta.get("tokens")
+    tokens, gate = meta.get("tokens"), meta.get("gate")
     lines = [
         f"file            {args.file} ({_size(os.path.getsize(args.file))})",
         f"task            {meta.get('name')}",
@@ -46,6 +46,8 @@ def _info(args: argparse.Namespace) -> int:
         f"heads           {', '.join(meta['heads']) or '-'}",
         "token selection " + (f"blocks {tokens['layers']}, rho {tokens['rho']} ({tokens['placement']})"
                               if tokens else "none"),
+        "token gate      " + (f"{len(gate['matrices'])} gated weights (target skip {gate['skip']:g}); thresholds "
+                              "in the table" if gate else "none"),
         f"selection       {meta.get('selection')}",
         f"architecture    {meta.get('identity') or '-'}",
         f"labels          {', '.join(map(str, meta['labels'])) if meta.get('labels') else '-'}",
@@ -54,10 +56,12 @@ def _info(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if not args.brief:
         width = max((len(m) for m in meta["matrices"]), default=6)
-        print(f"\n  {'weight':<{width}}  {'shape':>12}  {'C_l':>5}  {'values':>9}")
+        print(f"\n  {'weight':<{width}}  {'shape':>12}  {'C_l':>5}  {'values':>9}" + ("  threshold" if gate else ""))
         for m, info in meta["matrices"].items():
             shape = "x".join(map(str, info["shape"]))
-            print(f"  {m:<{width}}  {shape:>12}  {info['connections']:>5}  {info['shape'][0] * info['connections']:>9,}")
+            tau = tensors.get(f"threshold:{m}")
+            print(f"  {m:<{width}}  {shape:>12}  {info['connections']:>5}  {info['shape'][0] * info['connections']:>9,}"
+                  + (f"  {float(tau):.4g}" if tau is not None else ""))
         for n, shape in meta["full"].items():
             print(f"  {n:<{width}}  {'x'.join(map(str, shape)):>12}  {'full':>5}  {int(torch.tensor(shape).prod()):>9,}")
     return 0

@@ -32,8 +32,10 @@ from .delta_format import (
     write_delta_file,
 )
 from .errors import FingerprintMismatchError, TrptsKeyError, TrptsRuntimeError, TrptsValueError
-from .masking import MaskHandle, get_mask_handle
+from .gate import check_gate_module, install_fixed, remove_fixed
+from .masking import MaskHandle, SparseMaskHandle, get_mask_handle
 from .models import GENERIC, ModelAdapter, TokenAdapter, get_adapter
+from .sparse import delta_columns
 from .tokens import TokenConfig, apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta",
@@ -94,6 +96,10 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
     for n, p in full.items():
         tensors[f"full:{n}"] = full_value(p.detach()).to(dtype or p.dtype).cpu().contiguous()
     base_values = handle.base_values
+    thresholds = handle.thresholds() if isinstance(handle, SparseMaskHandle) else {}
+    for m, tau in thresholds.items():
+        tensors[f"threshold:{m}"] = tau.detach().float().cpu().reshape(())
+    gate = getattr(handle, "token_gate", None)
     tokens = get_token_config(base)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -107,6 +113,8 @@ def save_delta(model: nn.Module, path: PathLike, *, handle: MaskHandle | None = 
         "full": {n: list(p.shape) for n, p in full.items()},
         "heads": [h for h in heads if any(n.startswith(h + ".") for n in full)],
         "tokens": tokens.to_dict() if tokens else None,
+        "gate": {"matrices": sorted(thresholds), "skip": gate.skip, "temperature": gate.temperature,
+                 "step": gate.step} if gate is not None else None,
         "selection": selection.config,
         "fingerprint": fingerprint({m: (tuple(selection.matrices[m].shape), base_values[m])
                                     for m in selection.matrices}),
@@ -156,6 +164,7 @@ class _Task:
     base_full: dict[str, Tensor] = field(default_factory=dict)
     heads: dict[str, nn.Module] = field(default_factory=dict)  # module path -> this task's head
     apply_tokens: bool = False
+    thresholds: dict[str, Tensor] = field(default_factory=dict)  # token-gated matrices: their tau
 
 
 class _Bank:
@@ -181,7 +190,8 @@ class _Bank:
         """Write ``values`` at the task's entries, the ``full`` tensors, ``heads`` (and the
         model's head ``metadata``) and ``tokens``."""
         for m, idx in task.index.items():
-            self.params[m].view(-1).index_put_((idx,), values[m])
+            if m not in task.thresholds:  # a gated change stays out of the weight
+                self.params[m].view(-1).index_put_((idx,), values[m])
         for n, v in full.items():
             self.params[n].copy_(v)
         forget_autocast_casts(self.params[n] for n in (*task.index, *full))
@@ -203,7 +213,23 @@ class _Bank:
         classes = next((int(h.out_features) for h in task.heads.values()), 0)
         metadata = self.adapter.task_head_metadata(classes, task.meta.get("labels"))
         self._write(task, task.values, task.full, task.heads, task.meta["tokens"], metadata)
+        self._gate(task, install=True)
         self.active = name
+
+    def _gate(self, task: _Task, install: bool) -> None:
+        """Install (or remove) the fixed token gates of ``task``'s gated matrices."""
+        for m, tau in task.thresholds.items():
+            module = self.model.get_submodule(m.rpartition(".")[0])
+            if not install:
+                remove_fixed(module)
+                continue
+            rows, fan_in = rows_fan_in(task.meta["matrices"][m])
+            index = task.index[m].view(rows, -1)
+            cols = index % fan_in
+            columns, positions = delta_columns(cols)
+            change = (task.values[m] - task.base_values[m]).view(rows, -1)
+            delta = change.new_zeros(rows, columns.numel()).scatter(1, positions, change)
+            install_fixed(module, delta, columns, tau)
 
     def pretrained_values(self, name: str, flat: Tensor, current: Tensor) -> Tensor:
         """``current`` (values of ``name`` at the ascending positions ``flat``) with the active
@@ -224,6 +250,7 @@ class _Bank:
             return
         task = self.tasks[self.active]
         heads = {p: h for p, h in self.original_heads.items() if p in task.heads}
+        self._gate(task, install=False)
         self._write(task, task.base_values, task.base_full, heads, self.original_tokens, self.original_metadata)
         self.active = None
 
@@ -387,6 +414,8 @@ def _check_fit(base: nn.Module, adapter: ModelAdapter, meta: dict[str, Any], pat
             raise TrptsValueError(f"{path} replaces the head {h!r}, which this model does not have")
         if not isinstance(modules[h], nn.Linear) or f"{h}.weight" not in meta["full"]:
             raise TrptsValueError(f"{path}: the head {h!r} must be an nn.Linear with a stored weight")
+    for m in (meta.get("gate") or {}).get("matrices", []):
+        check_gate_module(m, modules.get(m.rpartition(".")[0], nn.Identity()))
     token_config = meta["tokens"] if tokens else None
     if token_config:
         if not isinstance(adapter, TokenAdapter):
@@ -431,6 +460,8 @@ def _build_task(base: nn.Module, name: str, meta: dict[str, Any], tensors: dict[
         rows = torch.arange(n_rows, dtype=torch.int64).unsqueeze(1)
         task.index[m] = (rows * fan_in + cols).view(-1).to(p.device)
         task.values[m] = tensors[f"values:{m}"].reshape(-1).to(device=p.device, dtype=p.dtype)
+        if f"threshold:{m}" in tensors:
+            task.thresholds[m] = tensors[f"threshold:{m}"].to(device=p.device, dtype=torch.float32)
     for n in meta["full"]:
         if not any(n.startswith(h + ".") for h in heads):
             q = params[n]
@@ -493,6 +524,9 @@ def merge_delta(model: nn.Module, path: PathLike, out: PathLike | None = None, *
     handle = load_delta(base, path, name=f"__merge__{id(path)}", tokens=False, ignore_fingerprint=ignore_fingerprint,
                         ignore_architecture=ignore_architecture)
     try:
+        if _bank(base).tasks[handle.name].thresholds:
+            raise TrptsValueError(f"{path} is token-gated: its change applies per token and cannot be merged into "
+                                  "a state dict; load it with trpts.load_delta instead")
         state = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
     finally:
         handle.remove()

@@ -3,7 +3,8 @@
 File level only: metadata and tensors in, metadata and tensors out; nothing here knows a model
 (:mod:`trpts.delta` turns a trained model into a delta and a delta into a task on a backbone).
 
-Format 2 adds a SHA-256 checksum of the trpts metadata and of every tensor (name, dtype, shape,
+Format 3 adds the token gate (an optional ``"gate"`` field and a ``threshold:`` tensor per gated
+matrix); format 2 is format 3 without it. Format 2 added a SHA-256 checksum of the trpts metadata and of every tensor (name, dtype, shape,
 raw bytes), verified before anything is returned: a corrupted file is refused, never loaded
 silently wrong. Format-1 files (no checksum) still load, with a :class:`~trpts.TrptsWarning`.
 """
@@ -28,9 +29,9 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "checksum", "fingerprint", "read_del
            "write_delta_file"]
 
 FORMAT_NAME = "trpts-delta"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 UNCHECKED_VERSIONS = (1,)  # readable, but written before checksums: loaded with a TrptsWarning
-READABLE_VERSIONS = (*UNCHECKED_VERSIONS, FORMAT_VERSION)
+READABLE_VERSIONS = (*UNCHECKED_VERSIONS, 2, FORMAT_VERSION)  # 2: no token gate (no "gate" field)
 PathLike = str | os.PathLike[str]
 
 # safetensors' dtype names (the "dtype" of its header), which the checksum hashes
@@ -215,6 +216,7 @@ _OPTIONAL = {
     "trpts_version": ((str, type(None)), "a string"),
     "selection": ((dict, type(None)), "an object or null"),
     "user": ((dict, type(None)), "an object"),
+    "gate": ((dict, type(None)), "an object or null"),
 }
 _TOKEN_FIELDS = {"layers": "an array of block indices", "rho": "a number", "num_prefix_tokens": "an integer",
                  "placement": "a string", "family": "a string"}
@@ -230,6 +232,7 @@ def validate(meta: Mapping[str, Any], tensors: Mapping[str, Tensor], path: PathL
         expected.update(_check_matrix(m, info, tensors, path))
     for n, shape in meta["full"].items():
         expected.add(_check_full(n, shape, tensors, path))
+    expected.update(_check_gate(meta, tensors, path))
     extra = sorted(set(tensors) - expected)
     if extra:
         _bad(path, f"it holds tensors its metadata does not describe: {extra[:5]}")
@@ -289,6 +292,28 @@ def _check_matrix(m: str, info: Any, tensors: Mapping[str, Tensor], path: PathLi
         _bad(path, f"columns of {m!r} fall outside 0..{fan_in - 1}")
     if cols.shape[1] > 1 and not bool((cols[:, 1:] > cols[:, :-1]).all()):
         _bad(path, f"columns of {m!r} are not strictly increasing in every row")
+    return keys
+
+
+def _check_gate(meta: Mapping[str, Any], tensors: Mapping[str, Tensor], path: PathLike) -> list[str]:
+    """The token gate (format 3; ``None``: none): settings, and a finite ``>= 0`` float32 scalar
+    ``threshold:`` tensor per gated matrix, each one of ``matrices``. Returns the tensor names."""
+    gate = meta.get("gate")
+    if gate is None:
+        return []
+    if meta["format_version"] < 3:
+        _bad(path, f"a format-{meta['format_version']} delta cannot have a token gate (format 3 added it)")
+    names = gate.get("matrices")
+    if not (isinstance(names, list) and all(isinstance(n, str) and n in meta["matrices"] for n in names)):
+        _bad(path, f"gate['matrices'] must list names of 'matrices', got {names!r}"[:300])
+    if not all(_is_number(gate.get(k)) for k in ("skip", "temperature", "step")):
+        _bad(path, "gate must hold the numbers 'skip', 'temperature' and 'step'")
+    keys = [f"threshold:{n}" for n in names]
+    for key in keys:
+        _check_tensor(tensors, key, (), (torch.float32,), "torch.float32", path)
+        tau = float(tensors[key])
+        if not (tau >= 0 and tau != float("inf")):
+            _bad(path, f"{key!r} must be a finite threshold >= 0, got {tau}")
     return keys
 
 

@@ -36,6 +36,7 @@ from .errors import (
     TrptsValueError,
     WeightDecayError,
 )
+from .gate import GATE, SCALE, Controller, TokenGate
 from .models import get_adapter
 from .sparse import VALUES, SparseStorage, check_sparse_module
 
@@ -390,9 +391,10 @@ class SparseMaskHandle(MaskHandle):
 
     def __init__(self, model: nn.Module, selection: Selection, masked: dict[str, nn.Parameter],
                  frozen: dict[str, Tensor], full: dict[str, nn.Parameter], base_values: dict[str, Tensor],
-                 owners: dict[str, nn.Module]):
+                 owners: dict[str, nn.Module], token_gate: TokenGate | None = None):
         super().__init__(model, selection, masked, frozen, full, base_values)
         self._owners = owners
+        self.token_gate = token_gate
         self._storages: dict[str, SparseStorage] = {}
         self._merge = False
 
@@ -407,8 +409,10 @@ class SparseMaskHandle(MaskHandle):
 
     def _attach(self) -> None:
         self._merge = False  # a failed install restores the weights untouched
+        gated = [n for n, m in self._owners.items() if isinstance(m, nn.Linear)]
+        controller = Controller(self.token_gate, len(gated)) if self.token_gate is not None else None
         for name, module in self._owners.items():
-            storage = SparseStorage(module, self.selection.indices(name), self._initial[name])
+            storage = SparseStorage(module, self.selection.indices(name), self._initial[name], controller)
             storage.install()
             self._storages[name] = storage
         self._merge = True
@@ -416,6 +420,11 @@ class SparseMaskHandle(MaskHandle):
     def _uninstall(self, keep: bool) -> None:
         if self._active and self._model_ref() is not None:
             refuse_sharded(self.values.values(), "merge_and_unload() / unload() with storage='sparse'")
+            if keep and self.token_gate is not None and self._merge:  # not while undoing a failed install
+                raise TrptsRuntimeError(
+                    "a token-gated change cannot be merged into the weights (each token gets it or not): "
+                    "save it with trpts.save_delta(model, path) and load it with trpts.load_delta, or call "
+                    "handle.unload() to restore the model as it was")
         super()._uninstall(keep)
 
     def _read_selected(self, name: str) -> Tensor:
@@ -431,7 +440,7 @@ class SparseMaskHandle(MaskHandle):
 
     def _detach(self) -> None:
         for storage in self._storages.values():
-            storage.remove(merge=self._merge)
+            storage.remove(merge=self._merge and not storage.gated)
         self._storages.clear()
         super()._detach()
 
@@ -456,6 +465,11 @@ class SparseMaskHandle(MaskHandle):
         """
         return self._groups(("selected", list(self.values.values()), float(selected_weight_decay)),
                             weight_decay, head_lr, options)
+
+    def thresholds(self) -> dict[str, Tensor]:
+        """Each token-gated weight's learned threshold ``tau_l`` (float32 scalar; empty
+        without ``token_gate``)."""
+        return {n: getattr(s.module, GATE) * getattr(s.module, SCALE) for n, s in self._storages.items() if s.gated}
 
     @property
     def num_selected(self) -> int:
@@ -492,6 +506,7 @@ def apply_masks(
     train_biases: bool = False,
     extra_trainable: Iterable[str] = (),
     storage: Storage = "hooks",
+    token_gate: TokenGate | float | None = None,
 ) -> MaskHandle:
     """Make the model train only the selected entries (plus the head) in the user's own loop.
 
@@ -515,6 +530,12 @@ def apply_masks(
             frozen and its selected entries become a compact trainable vector (see
             :class:`SparseMaskHandle`): no dense weight gradient, O(k) optimizer state, the
             same training trajectory. Supports ``nn.Linear`` and patch-embedding convs.
+        token_gate: experimental, ``storage="sparse"`` only: apply each masked linear layer's
+            change only to the tokens whose relative update ``||dW x|| / ||W0 x + b||``
+            reaches a threshold learned per layer (TS-PEFT; :class:`trpts.TokenGate`, or a
+            number: the target share of token updates skipped). Such a change cannot be
+            merged into the weights; ``save_delta`` stores the thresholds
+            (docs/token_gate.md).
 
     Everything else gets ``requires_grad=False``: LayerNorms, position embedding, class /
     register tokens and every weight without a selected entry. Validates everything before
@@ -526,6 +547,10 @@ def apply_masks(
         handle.disable_adapter():`` computes the model as it was for a while.
     """
     base = _check_arguments(model, selection, storage)
+    gate = TokenGate.coerce(token_gate)
+    if gate is not None and storage != "sparse":
+        raise TrptsValueError("token_gate needs storage='sparse' (the gate applies the compact change per token); "
+                              "pass storage='sparse'")
     named = dict(base.named_parameters())
     masked, frozen, full, base_values = _split_selection(base, named, selection, storage)
     if train_head:
@@ -535,7 +560,7 @@ def apply_masks(
     full.update({n: p for n, p in _extra(base, named, masked, extra_trainable).items() if n not in full})
     if storage == "sparse":
         owners = _owners(base, named, masked)
-        handle: MaskHandle = SparseMaskHandle(base, selection, masked, frozen, full, base_values, owners)
+        handle: MaskHandle = SparseMaskHandle(base, selection, masked, frozen, full, base_values, owners, gate)
     else:
         handle = MaskHandle(base, selection, masked, frozen, full, base_values)
     handle._install()
@@ -553,6 +578,11 @@ def _check_arguments(model: nn.Module, selection: Selection, storage: str) -> nn
     if storage not in ("hooks", "sparse"):
         raise TrptsValueError(f"storage must be 'hooks' or 'sparse', got {storage!r}")
     base = unwrap_model(model)
+    bank = model_state(base).deltas
+    if bank is not None and bank.active is not None and bank.tasks[bank.active].thresholds:
+        raise TrptsRuntimeError(
+            f"the active delta {bank.active!r} is token-gated, which trpts cannot resume training from yet; "
+            "call trpts.activate_delta(model, None) first (training then starts from the plain backbone)")
     if get_mask_handle(base) is not None:
         raise TrptsRuntimeError(
             "this model already has masks applied; call handle.merge_and_unload() or handle.unload() "

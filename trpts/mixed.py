@@ -334,6 +334,10 @@ def _checked_bank(base: nn.Module, inputs: Any, tasks: Sequence[str | None]) -> 
     if bank is None:
         raise TrptsValueError("no delta is loaded on this model; load deltas with trpts.load_delta first")
     _refuse_while_training(base, "forward_tasks")
+    gated = sorted({t for t in tasks if t is not None and bank.tasks[t].thresholds}, key=str)
+    if gated:
+        raise TrptsValueError(f"forward_tasks does not mix token-gated deltas ({', '.join(map(repr, gated))}): "
+                              "activate each with trpts.activate_delta(model, name) and run its samples alone")
     return bank
 
 

@@ -33,11 +33,16 @@ from ._native import NativeKernelUnavailable, native_sddmm
 from ._sharding import is_sharded
 from ._triton import TritonKernelUnavailable, triton_sddmm
 from .errors import TrptsRuntimeError, TrptsTypeError, TrptsValueError, TrptsWarning
+from .gate import ATTR as GATE_ATTR
+from .gate import GATE, SCALE, Controller, Gate, gated_linear
 
 __all__ = ["SparseStorage", "check_sparse_module", "get_sparse_kernel", "set_sparse_kernel", "sparse_weight_grad"]
 
 VALUES = "trpts_values"
 INDEX = "trpts_index"
+ORIGINAL = "trpts_original"  # token-gated storage: the pretrained values at the selected entries
+COLUMNS = "trpts_columns"  # token-gated storage: the input columns the change touches
+POSITIONS = "trpts_positions"  # token-gated storage: each entry's position among those columns
 _CHUNK_ELEMENTS = 1 << 24  # gathered inputs per row block (64 MiB in float32)
 
 
@@ -339,6 +344,24 @@ def _linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
     return _SparseLinear.apply(x, module.weight, module.bias, getattr(module, VALUES), getattr(module, INDEX))
 
 
+def _gated_forward(module: nn.Linear, x: Tensor) -> Tensor:
+    """Token-gated sparse storage: ``W`` keeps its pretrained entries and the change
+    ``values - original`` is applied per token through :func:`trpts.gate.gated_linear`."""
+    values, original, positions = getattr(module, VALUES), getattr(module, ORIGINAL), getattr(module, POSITIONS)
+    rows = positions.shape[0]
+    change = values.view(rows, -1) - original.view(rows, -1)
+    delta = change.new_zeros(rows, getattr(module, COLUMNS).numel()).scatter(1, positions, change)
+    return gated_linear(x, module.weight, module.bias, delta, getattr(module, COLUMNS), vars(module)[GATE_ATTR],
+                        module.training)
+
+
+def delta_columns(index: Tensor) -> tuple[Tensor, Tensor]:
+    """The input columns a selection ``index [rows, C]`` touches (``[m]``, ascending) and each
+    entry's position among them (``[rows, C]``), both int64."""
+    columns = torch.unique(index)
+    return columns, torch.searchsorted(columns, index)
+
+
 def _conv_forward(module: nn.Conv2d, x: Tensor) -> Tensor:
     return _SparsePatchConv.apply(x, module.weight, module.bias, getattr(module, VALUES), getattr(module, INDEX))
 
@@ -361,10 +384,11 @@ def check_sparse_module(name: str, module: nn.Module | None) -> None:
 class SparseStorage:
     """Sparse storage installed on one module (created and removed by the mask handle)."""
 
-    def __init__(self, module: nn.Module, index: Tensor, values: Tensor):
+    def __init__(self, module: nn.Module, index: Tensor, values: Tensor, gate: Controller | None = None):
         self.module = module
         self._index = index  # int64 [rows, C]
         self._values = values
+        self._gate = gate if isinstance(module, nn.Linear) else None  # patch embeddings stay ungated
         self._hooks: list[Any] = []
 
     def install(self) -> nn.Parameter:
@@ -378,14 +402,29 @@ class SparseStorage:
         module.register_parameter(VALUES, values)
         module.register_buffer(INDEX, self._index.to(weight.device), persistent=False)
         forward = _linear_forward if isinstance(module, nn.Linear) else _conv_forward
+        if self._gate is not None:
+            self._install_gate()
+            forward = _gated_forward
         module.forward = forward.__get__(module)  # instance attribute: this module only
         self._hooks = [module.register_state_dict_post_hook(_state_dict_hook),
                        module.register_load_state_dict_pre_hook(_load_hook)]
         return values
 
-    def effective_weight(self) -> Tensor:
-        m = self.module
-        return _effective(m.weight.detach(), getattr(m, VALUES).detach(), getattr(m, INDEX))
+    def _install_gate(self) -> None:
+        """Buffers of the token gate: the pretrained values, columns and positions (not saved),
+        the threshold ``g_l`` and ratio scale ``s_l`` (saved: a checkpoint resumes them)."""
+        m, device = self.module, self.module.weight.device
+        columns, positions = delta_columns(self._index.to(device))
+        m.register_buffer(ORIGINAL, self._original.reshape(-1), persistent=False)
+        m.register_buffer(COLUMNS, columns, persistent=False)
+        m.register_buffer(POSITIONS, positions, persistent=False)
+        m.register_buffer(GATE, torch.zeros((), device=device))
+        m.register_buffer(SCALE, torch.zeros((), device=device))
+        vars(m)[GATE_ATTR] = Gate(m, self._gate)
+
+    @property
+    def gated(self) -> bool:
+        return self._gate is not None
 
     def remove(self, merge: bool = True) -> None:
         """Write the values into ``W`` (``merge``; else the entries ``W`` had at install) and
@@ -399,16 +438,19 @@ class SparseStorage:
             hook.remove()
         self._hooks.clear()
         del m._parameters[VALUES]
-        del m._buffers[INDEX]
+        for buffer in (INDEX, ORIGINAL, COLUMNS, POSITIONS, GATE, SCALE):
+            m._buffers.pop(buffer, None)
+        vars(m).pop(GATE_ATTR, None)
         vars(m).pop("forward", None)
 
 
 def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """Show the plain module: the effective weight under ``weight``, no values key. Under
     ``fully_shard`` the shards are kept as they are (the raw weight and ``trpts_values``), which
-    is what a sharded checkpoint needs to resume."""
-    if is_sharded(state_dict.get(prefix + VALUES)):
-        return
+    is what a sharded checkpoint needs to resume; so is a token-gated module (its threshold
+    buffers too), whose change cannot be merged into the weight."""
+    if is_sharded(state_dict.get(prefix + VALUES)) or GATE_ATTR in vars(module):
+        return  # sharded or token-gated: the raw weight and values (a gated change is not a weight)
     values = state_dict.pop(prefix + VALUES, None)
     key = prefix + "weight"
     if values is not None and key in state_dict:
