@@ -119,6 +119,8 @@ METHODS: dict[str, Method] = {
     "default: per-sample Fisher": _default_ablation(per_sample=True),
     "default: C=2 + biases (the same count)": _default_ablation(biases=True, budget=0.0039),
     "default: rho 0.5": _default_ablation(rho=0.5),
+    # issue 18: the same selection with TS-PEFT's token gate (target: half the token updates skipped)
+    "default + token gate (skip 0.5)": _default_ablation(gate=0.5),
 }
 
 
@@ -314,13 +316,16 @@ def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer 
         handle = trpts.apply_masks(model, selection, train_biases=not opts.get("no_biases"), storage="sparse")
     else:
         selection = trpts_selection(model, run)
-        handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse")
+        handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse",
+                                   token_gate=opts.get("gate"))
         if "placement" in opts:
             trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=s.token_blocks,
                            placement=opts["placement"], seed=run.seed, score=opts.get("token_score", "auto"),
                            layers=sparse_layers(selection, s.token_blocks, opts["ties"]) if "ties" in opts else None)
             info["token_layers"] = list(trpts.get_token_config(model).layers)
     info["block_counts"] = {str(k): v for k, v in selection.block_counts.items()}
+    if opts.get("gate") is not None:  # eq. 3's Fisher share per weight, to compare with the learned skip shares
+        info["fisher_share"] = {n: m.share for n, m in selection.matrices.items()}
     optimizer = torch.optim.AdamW(handle.param_groups(lr=run.lr, head_lr=run.head_lr), weight_decay=0.0)
     return model, optimizer, handle.num_trainable, info
 
@@ -443,7 +448,14 @@ def execute(run: Run) -> dict[str, Any]:
         train(model, optimizer, run)
         train_s = time.perf_counter() - start
         peak = _peak_rss_mib()
-        val, test = accuracy(model, run.task["val"]), accuracy(model, run.task["test"])
+        train_skip = trpts.token_gate_stats(model, reset=True)
+        val = accuracy(model, run.task["val"])
+        trpts.token_gate_stats(model, reset=True)
+        test = accuracy(model, run.task["test"])
+        if train_skip:  # token-gated: the share of token updates skipped per layer
+            info["gate_skip_train"] = train_skip
+            info["gate_skip_test"] = trpts.token_gate_stats(model)
+            info["gate_thresholds"] = {n: float(t) for n, t in trpts.get_mask_handle(model).thresholds().items()}
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     return {"val": val, "test": test, "trained": int(trained), "total": int(total), "setup_s": _sig(setup_s),
