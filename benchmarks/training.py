@@ -13,7 +13,10 @@ storage and in ``storage="sparse"``; each also with tokens (``wrap_vit``, rho = 
 blocks); the sparse fine-tuning peers in ``peft`` on the blocks' four linear layers, sized to
 the TR-PTS selection's count: SHiRA (``r * (in + out)`` random entries per layer, r chosen so
 the total is closest to the selection's) and Super-Tuning (largest-magnitude entries at
-``sparsity = 1 - count / weights``). ``--bf16`` runs every step under bf16 autocast. The TR-PTS
+``sparsity = 1 - count / weights``); and TR-PTS parameters in sparse storage with the token gate
+(``token_gate=0.5``). ``--bf16`` runs every step under bf16 autocast. ``--weights`` loads a
+real checkpoint (for the token gate, whose cost depends on how many input columns the real
+selection touches). The TR-PTS
 selection comes from ``compute_fisher`` on random data in the parent process, so the Fisher
 pass does not count towards a worker's peak memory.
 
@@ -47,13 +50,14 @@ import trpts
 
 METHODS = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "SHiRA (peft)", "Super-Tuning (peft)",
            "TR-PTS params (hooks)", "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)",
-           "TR-PTS params + tokens (sparse)"]
+           "TR-PTS params + tokens (sparse)", "TR-PTS params (sparse, token gate)"]
 BLOCK_LINEARS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"  # the peers' target modules
 NOTES = {
     "TR-PTS params (hooks)": "dense weight gradients, then masked: no saving expected",
     "TR-PTS params + tokens (hooks)": "savings come from fewer tokens only",
     "TR-PTS params (sparse)": "no dense weight gradient, O(k) optimizer state",
     "TR-PTS params + tokens (sparse)": "",
+    "TR-PTS params (sparse, token gate)": "token_gate=0.5: W0 x + S (dW x) per layer",
     "SHiRA (peft)": "r sized to the TR-PTS count",
     "Super-Tuning (peft)": "sparsity sized to the TR-PTS count",
 }
@@ -92,10 +96,15 @@ def _reset_peak_rss() -> float:
     return _status_mib("VmRSS")
 
 
-def _build(model_name: str, img: int, num_classes: int) -> torch.nn.Module:
+def _build(model_name: str, img: int, num_classes: int, weights: str | None = None) -> torch.nn.Module:
     import timm
 
-    return timm.create_model(model_name, pretrained=False, img_size=img, num_classes=num_classes)
+    model = timm.create_model(model_name, pretrained=False, img_size=img, num_classes=num_classes)
+    if weights:  # real weights: the selection (and so the token gate's column count) is a real one
+        from vtab_methods import load_weights
+
+        load_weights(model, Path(weights))
+    return model
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -108,7 +117,7 @@ def worker(args: argparse.Namespace) -> None:
                            torch.tensor([[0, 2], [1, 3], [2, 4]], device=device))
     base_rss = _reset_peak_rss() if device.type == "cpu" else 0.0
     torch.manual_seed(0)
-    model = _build(args.model, args.img, args.num_classes).to(device)
+    model = _build(args.model, args.img, args.num_classes, args.weights).to(device)
     method = args.method
     if method == "linear probe":
         model.requires_grad_(False)
@@ -121,7 +130,8 @@ def worker(args: argparse.Namespace) -> None:
         model = _peer(model, method, _load_selection(args.selection).num_selected)
     elif method.startswith("TR-PTS"):
         selection = _load_selection(args.selection)
-        handle = trpts.apply_masks(model, selection, storage="sparse" if "sparse" in method else "hooks")
+        handle = trpts.apply_masks(model, selection, storage="sparse" if "sparse" in method else "hooks",
+                                   token_gate=0.5 if "token gate" in method else None)
         if "tokens" in method:
             trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,15 +167,16 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"times": times, "peak_mib": peak, "trained": trained}))
 
 
-def _selection_file(model_name: str, img: int, num_classes: int, budget: float, tmp: Path) -> Path:
+def _selection_file(model_name: str, img: int, num_classes: int, budget: float, tmp: Path,
+                    weights: str | None = None, share_power: float = 1.0) -> Path:
     """Fisher on two random batches -> allocation; saved for the workers."""
     torch.manual_seed(0)
-    model = _build(model_name, img, num_classes)
+    model = _build(model_name, img, num_classes, weights)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, img, img, generator=g), torch.randint(0, num_classes, (4,), generator=g))
                for _ in range(2)]
     fisher = trpts.compute_fisher(model, batches, num_batches=None, progress=False)
-    selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=1)
+    selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=share_power)
     path = tmp / f"{model_name}.pt"
     torch.save({"tensors": selection.to_tensors(), "config": json.dumps(selection.to_config())}, path)
     return path
@@ -183,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="processes per method (median over rounds)")
     parser.add_argument("--budget", type=float, default=0.01)
+    parser.add_argument("--share-power", type=float, default=1.0, help="allocate_connections' (1: the paper's eq. 4)")
+    parser.add_argument("--weights", default=None, help="timm-named checkpoint to load (default: random weights)")
     parser.add_argument("--rho", type=float, default=0.7)
     parser.add_argument("--token-blocks", type=int, default=3)
     parser.add_argument("--num-classes", type=int, default=100)
@@ -205,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         bar = tqdm(total=len(args.models) * len(args.batches) * len(args.methods) * args.rounds,
                    desc="worker processes", disable=args.no_progress)
         for model_name in args.models:
-            selection = _selection_file(model_name, args.img, args.num_classes, args.budget, Path(tmpdir))
+            selection = _selection_file(model_name, args.img, args.num_classes, args.budget, Path(tmpdir),
+                                        args.weights, args.share_power)
             for batch in args.batches:
                 runs: dict[str, list[dict[str, object]]] = {m: [] for m in args.methods}
                 for _ in range(args.rounds):
@@ -214,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                "--selection", str(selection), "--img", str(args.img), "--batch", str(batch),
                                "--steps", str(args.steps), "--warmup", str(args.warmup), "--rho", str(args.rho),
                                "--token-blocks", str(args.token_blocks), "--num-classes", str(args.num_classes),
-                               "--device", args.device, *(["--bf16"] if args.bf16 else [])]
+                               "--device", args.device, *(["--bf16"] if args.bf16 else []),
+                               *(["--weights", str(args.weights)] if args.weights else [])]
                         done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
                         if done.returncode != 0:
                             raise RuntimeError(f"worker {model_name} / {method} failed:\n{done.stderr}")
@@ -235,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                  "note": NOTES.get(method, "")})
         bar.close()
     settings = {"device": args.device, "bf16": args.bf16, "img": args.img, "optimizer": "AdamW",
-                "steps": args.steps, "rounds": args.rounds, "budget": args.budget,
+                "steps": args.steps, "rounds": args.rounds, "budget": args.budget, "share_power": args.share_power,
+                "weights": Path(args.weights).name if args.weights else "random",
                 "tokens": f"rho {args.rho} in {args.token_blocks} blocks"}
     return report("Training step cost", "training.py", argv, settings, rows, args.json)
 

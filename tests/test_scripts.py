@@ -125,8 +125,15 @@ def test_sparse_kernel_benchmark_quick(tmp_path):
 def test_training_benchmark_quick(tmp_path):
     # every method kind and both storages, with tokens (the plain TR-PTS rows differ only by not wrapping)
     methods = ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)", "SHiRA (peft)", "Super-Tuning (peft)",
-               "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)"]
-    _run("benchmarks/training.py", "--quick", "--no-progress", "--methods", *methods, "--json", str(tmp_path / "r.json"))
+               "TR-PTS params + tokens (hooks)", "TR-PTS params (sparse)", "TR-PTS params (sparse, token gate)"]
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"  # --weights: a timm-named checkpoint (here a random one at 224 px)
+    save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224").state_dict().items()},
+              str(weights))
+    _run("benchmarks/training.py", "--quick", "--no-progress", "--methods", *methods, "--json", str(tmp_path / "r.json"),
+         "--weights", str(weights), "--share-power", "0")
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["method"] for r in rows][:3] == ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)"]
     assert rows[0]["time vs full"] == "1.00x" and rows[0]["memory vs full"] == "1.00x"
