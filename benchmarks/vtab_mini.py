@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import vtab_data
+import vtab_gate
 import vtab_methods as vm
 from common import machine, table
 from tqdm.auto import tqdm
@@ -414,7 +415,8 @@ def report(args: argparse.Namespace, settings: vm.Settings, methods: list[str]) 
         "Cost columns, with the ratio to LoRA's in brackets: train-loop seconds, median over the runs that "
         "had the machine to themselves (1-minute load average <= threads + 0.5; `-`: none yet), and peak "
         "memory, median over all runs (CPU: peak RSS of the training phase, data and model included):", "",
-        main_table(res, methods)])
+        main_table(res, methods),
+        *(["", gated] if (gated := vtab_gate.gate_report(res)) else [])])
 
 
 def figure_points(args: argparse.Namespace, settings: vm.Settings, methods: list[str]) -> tuple[dict, str]:

@@ -218,5 +218,10 @@ def test_quick_run_of_every_ablation(tmp_path):
     assert "token_layers" in rows[vm.P0] and "token_layers" not in rows["share_power 0: no tokens"]
     gps_fisher = "share_power 0: + biases, no tokens (GPS-style with Fisher scores)"
     assert trained[gps_fisher] > trained["share_power 0: no tokens"] == trained[vm.P0]
+    gated = rows["default + token gate (skip 0.5)"]
+    assert set(gated["gate_skip_test"]) == set(gated["gate_thresholds"]) == set(gated["gate_skip_train"])
+    assert all(0 <= v <= 1 for v in gated["gate_skip_test"].values())
+    assert set(gated["gate_skip_test"]) < set(gated["fisher_share"])  # the patch embedding is not gated
+    assert "gate_skip_test" not in rows[vm.D1] and "Token gate (issue 18)" in done.stdout
     for m in ablations:
         assert m.replace("|", "\\|") in done.stdout  # the tables escape "|"
