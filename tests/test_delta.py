@@ -306,7 +306,7 @@ def test_format_spec_is_enough_to_read_a_delta(tmp_path):
     header = json.loads(raw[8 : 8 + n])
     data = raw[8 + n :]
     meta = json.loads(header["__metadata__"]["trpts"])
-    assert header["__metadata__"]["format"] == "trpts-delta" and meta["format_version"] == 2
+    assert header["__metadata__"]["format"] == "trpts-delta" and meta["format_version"] == 3
 
     def tensor(key):
         info = header[key]

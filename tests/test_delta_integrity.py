@@ -158,7 +158,7 @@ def test_a_flipped_value_is_refused_by_read_load_and_merge(saved):
 
 def test_saved_files_carry_the_current_version_and_a_checksum(saved):
     header = _header(saved.path)
-    assert json.loads(header["trpts"])["format_version"] == FORMAT_VERSION == 2
+    assert json.loads(header["trpts"])["format_version"] == FORMAT_VERSION == 3
     assert header["checksum"] == checksum(header["trpts"], load_file(saved.path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -197,7 +197,7 @@ MALFORMED = {
     "string-version": (dict(meta={"format_version": "2"}), "format_version"),
     "bool-version": (dict(meta={"format_version": True}), "format_version"),
     "version-0": (dict(meta={"format_version": 0}), "unknown delta format version 0"),
-    "newer-version": (dict(meta={"format_version": 3}), "upgrade trpts"),
+    "newer-version": (dict(meta={"format_version": 4}), "upgrade trpts"),
     "no-tokens": (dict(meta={"tokens": _DROP}), r"lacks \['tokens'\]"),
     "no-heads": (dict(meta={"heads": _DROP}), "lacks"),
     "matrices-string": (dict(meta={"matrices": "blocks"}), "'matrices' must be an object"),

@@ -65,7 +65,7 @@ def _field(digest: Any, data: bytes | memoryview) -> None:
 
 
 def checksum(metadata_text: str, tensors: Mapping[str, Tensor]) -> str:
-    """The format-2 checksum: SHA-256 (64 lowercase hex digits) over length-prefixed fields
+    """The checksum (formats 2 and 3): SHA-256 (64 lowercase hex digits) over length-prefixed fields
     (each an 8-byte little-endian byte count, then the bytes): the UTF-8 trpts metadata text,
     then for every tensor in ascending name order its UTF-8 name, its safetensors dtype name
     (``F32``, ``U16``, ...), its shape as compact JSON (``[4,16]``) and its raw little-endian
