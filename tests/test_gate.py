@@ -346,3 +346,20 @@ def test_cli_info_shows_thresholds(tmp_path, capsys):
     assert "token gate      " in out and "threshold" in out and f"target skip {0.5:g}" in out
 
 
+
+
+def test_torch_compile_runs_the_gate_eagerly_and_matches():
+    results = []
+    for compiled in (False, True):
+        model, handle, batches = _setup()
+        run = torch.compile(model) if compiled else model
+        opt = torch.optim.SGD(handle.parameters(), lr=0.1)
+        for x, y in batches[:2]:
+            loss = F.cross_entropy(run(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results.append((run.eval()(batches[0][0]).detach(), handle.thresholds(), trpts.token_gate_stats(model)))
+    (out, tau, stats), (out_c, tau_c, stats_c) = results
+    assert torch.allclose(out, out_c, atol=1e-5) and stats == stats_c
+    assert all(torch.allclose(tau[n], tau_c[n], atol=1e-6) for n in tau)

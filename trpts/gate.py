@@ -195,11 +195,13 @@ class _GatedDelta(torch.autograd.Function):
         return grad_xs, grad_delta, None, None, None, None
 
 
+@torch.compiler.disable  # stateful (counts, threshold steps): runs eagerly inside a compiled model
 def gated_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor, columns: Tensor,
                  gate: Gate, training: bool) -> Tensor:
     """``W0 x + b + S * (dW x)`` for ``x [..., in]``; ``delta [out, m]`` is ``dW`` restricted to
     the ``columns [m]`` (int64) it touches. ``training``: learn the threshold (the module is in
-    train mode and autograd records)."""
+    train mode and autograd records). Under ``torch.compile`` it runs eagerly (a graph break
+    per gated layer)."""
     base = F.linear(x, weight, bias)
     xs = x.index_select(-1, columns)
     learn = training and gate.learns and torch.is_grad_enabled()
