@@ -121,6 +121,7 @@ METHODS: dict[str, Method] = {
     "default: rho 0.5": _default_ablation(rho=0.5),
     # issue 18: the same selection with TS-PEFT's token gate (target: half the token updates skipped)
     "default + token gate (skip 0.5)": _default_ablation(gate=0.5),
+    "default + token gate (skip 0.25)": _default_ablation(gate=0.25),
 }
 
 
