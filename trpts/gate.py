@@ -168,31 +168,33 @@ class Gate:
 
 
 class _GatedDelta(torch.autograd.Function):
-    """``S * (xs @ delta.T)`` with the gate's threshold learned in backward; saves only the
-    few gathered input columns ``xs``."""
+    """``base + S * d`` (``d = xs @ delta.T``, computed without autograd), written into
+    ``base``; the gradients of ``xs`` and ``delta`` are computed here, and the gate's threshold
+    learns in backward. Saves only the few gathered input columns ``xs``."""
 
     @staticmethod
-    def forward(ctx: Any, xs: Tensor, delta: Tensor, keep: Tensor, ratio: Tensor, gate: Gate,
+    def forward(ctx: Any, base: Tensor, xs: Tensor, delta: Tensor, keep: Tensor, ratio: Tensor, gate: Gate,
                 d: Tensor) -> Tensor:
         ctx.save_for_backward(xs, delta, keep, ratio)
         ctx.gate = gate
-        return d * keep.unsqueeze(-1).to(d.dtype)
+        ctx.mark_dirty(base)
+        return base.addcmul_(d, keep.unsqueeze(-1).to(d.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         xs, delta, keep, ratio = ctx.saved_tensors
         mask = keep.unsqueeze(-1).to(grad.dtype)
         g_delta = grad.matmul(delta.to(grad.dtype))  # [..., m]: the input gradient before gating
-        grad_xs = (g_delta * mask).to(xs.dtype) if ctx.needs_input_grad[0] else None
+        grad_xs = (g_delta * mask).to(xs.dtype) if ctx.needs_input_grad[1] else None
         grad_delta = None
-        if ctx.needs_input_grad[1]:
-            gk = (grad * mask).reshape(-1, grad.shape[-1])
-            grad_delta = gk.t().matmul(xs.reshape(-1, xs.shape[-1]).to(gk.dtype)).to(delta.dtype)
+        if ctx.needs_input_grad[2]:  # sum_t S_t g_t xs_t^T, the gate applied to the narrow xs
+            kept = (xs.to(grad.dtype) * mask).reshape(-1, xs.shape[-1])
+            grad_delta = grad.reshape(-1, grad.shape[-1]).t().matmul(kept).to(delta.dtype)
         if ctx.gate.learns:
             with torch.no_grad():
                 slope = (g_delta.float() * xs.float()).sum(-1)  # <dL/dh_i, dW x_i>
                 ctx.gate.learn(slope, ratio, keep)
-        return grad_xs, grad_delta, None, None, None, None
+        return grad, grad_xs, grad_delta, None, None, None, None
 
 
 @torch.compiler.disable  # stateful (counts, threshold steps): runs eagerly inside a compiled model
@@ -216,8 +218,8 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor, 
         gate.count(keep)
     if learn:
         gate.observe(ratio)
-        return base + _GatedDelta.apply(xs, delta, keep, ratio, gate, d)
-    return base + d * keep.unsqueeze(-1).to(d.dtype)
+        return _GatedDelta.apply(base, xs, delta, keep, ratio, gate, d)
+    return torch.addcmul(base, d, keep.unsqueeze(-1).to(d.dtype))
 
 
 def token_gate_stats(model: nn.Module, *, reset: bool = False) -> dict[str, float]:
