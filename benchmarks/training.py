@@ -15,8 +15,9 @@ the TR-PTS selection's count: SHiRA (``r * (in + out)`` random entries per layer
 the total is closest to the selection's) and Super-Tuning (largest-magnitude entries at
 ``sparsity = 1 - count / weights``); and TR-PTS parameters in sparse storage with the token gate
 (``token_gate=0.5``). ``--bf16`` runs every step under bf16 autocast. ``--weights`` loads a
-real checkpoint (for the token gate, whose cost depends on how many input columns the real
-selection touches). The TR-PTS
+real checkpoint and ``--fisher-task`` scores Fisher on a ``vtab_mini`` task's images (for the
+token gate, whose cost depends on how many input columns a real selection touches: 5-30 of 384
+on real images, 60-220 on random ones). The TR-PTS
 selection comes from ``compute_fisher`` on random data in the parent process, so the Fisher
 pass does not count towards a worker's peak memory.
 
@@ -167,14 +168,26 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"times": times, "peak_mib": peak, "trained": trained}))
 
 
+def _fisher_batches(model: torch.nn.Module, task: str, img: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """8 batches of 32 training images of a ``vtab_mini`` task (as its runs score them)."""
+    import vtab_data
+    from vtab_methods import normalizer
+
+    data = vtab_data.DEFAULT_DATA if vtab_data.DEFAULT_DATA.exists() else None
+    x, y = vtab_data.load_task(task, data=data, size=img, sizes=(800, 200, 2000))["train"]
+    g = torch.Generator().manual_seed(0)
+    return [b for _, b in zip(range(8), vtab_data.batches(x, y, 32, normalize=normalizer(model), generator=g),
+                              strict=False)]
+
+
 def _selection_file(model_name: str, img: int, num_classes: int, budget: float, tmp: Path,
-                    weights: str | None = None, share_power: float = 1.0) -> Path:
-    """Fisher on two random batches -> allocation; saved for the workers."""
+                    weights: str | None = None, share_power: float = 1.0, fisher_task: str | None = None) -> Path:
+    """Fisher on two random batches (or a real task's images) -> allocation; saved for the workers."""
     torch.manual_seed(0)
     model = _build(model_name, img, num_classes, weights)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, img, img, generator=g), torch.randint(0, num_classes, (4,), generator=g))
-               for _ in range(2)]
+               for _ in range(2)] if fisher_task is None else _fisher_batches(model, fisher_task, img)
     fisher = trpts.compute_fisher(model, batches, num_batches=None, progress=False)
     selection = trpts.allocate_connections(fisher, budget=budget, model=model, share_power=share_power)
     path = tmp / f"{model_name}.pt"
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--share-power", type=float, default=1.0, help="allocate_connections' (1: the paper's eq. 4)")
     parser.add_argument("--weights", default=None, help="timm-named checkpoint to load (default: random weights)")
+    parser.add_argument("--fisher-task", default=None, help="score Fisher on this vtab_mini task's training "
+                        "images (e.g. cifar10) instead of random data: a real selection's column spread")
     parser.add_argument("--rho", type=float, default=0.7)
     parser.add_argument("--token-blocks", type=int, default=3)
     parser.add_argument("--num-classes", type=int, default=100)
@@ -219,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                    desc="worker processes", disable=args.no_progress)
         for model_name in args.models:
             selection = _selection_file(model_name, args.img, args.num_classes, args.budget, Path(tmpdir),
-                                        args.weights, args.share_power)
+                                        args.weights, args.share_power, args.fisher_task)
             for batch in args.batches:
                 runs: dict[str, list[dict[str, object]]] = {m: [] for m in args.methods}
                 for _ in range(args.rounds):
@@ -252,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     settings = {"device": args.device, "bf16": args.bf16, "img": args.img, "optimizer": "AdamW",
                 "steps": args.steps, "rounds": args.rounds, "budget": args.budget, "share_power": args.share_power,
                 "weights": Path(args.weights).name if args.weights else "random",
+                "fisher data": args.fisher_task or "random",
                 "tokens": f"rho {args.rho} in {args.token_blocks} blocks"}
     return report("Training step cost", "training.py", argv, settings, rows, args.json)
 

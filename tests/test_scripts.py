@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 300) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -133,7 +135,8 @@ def test_training_benchmark_quick(tmp_path):
     save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224").state_dict().items()},
               str(weights))
     _run("benchmarks/training.py", "--quick", "--no-progress", "--methods", *methods, "--json", str(tmp_path / "r.json"),
-         "--weights", str(weights), "--share-power", "0")
+         "--weights", str(weights), "--share-power", "0", "--fisher-task", "location", "--num-classes", "16",
+         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})  # the task's images are cached there
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["method"] for r in rows][:3] == ["full fine-tuning", "linear probe", "LoRA (peft r=8, qkv)"]
     assert rows[0]["time vs full"] == "1.00x" and rows[0]["memory vs full"] == "1.00x"
