@@ -214,6 +214,11 @@ def test_merge_is_refused_and_unload_restores_exactly():
     x = batches[0][0]
     want = make_timm_vit().eval()(x)
     _train(model, handle, batches, steps=5)
+    model.eval()
+    trained = model(x)
+    with handle.disable_adapter():  # the change is values - pretrained: zero inside
+        assert torch.equal(model(x), want)
+    assert torch.equal(model(x), trained)
     with pytest.raises(trpts.TrptsRuntimeError, match="cannot be merged"):
         handle.merge_and_unload()
     assert handle.active and _gated_modules(model)
