@@ -109,8 +109,8 @@ class Controller:
 
 
 class Gate:
-    """One layer's gate: its threshold and what it skipped (``tokens``, ``skipped``: counts
-    since the last :func:`token_gate_stats` reset). A learned gate reads ``g_l`` and ``s_l``
+    """One layer's gate: its threshold and what it skipped (``tokens``, an int, and
+    ``skipped``, a device tensor: counts since the last :func:`token_gate_stats` reset). A learned gate reads ``g_l`` and ``s_l``
     from its module's buffers; a fixed one (a loaded delta) holds ``tau``."""
 
     def __init__(self, module: nn.Module | None = None, controller: Controller | None = None,
@@ -119,7 +119,7 @@ class Gate:
         self.controller = controller
         self._tau = None if tau is None else torch.tensor(float(tau))
         self._rms: Tensor | None = None
-        self.tokens: Tensor | None = None
+        self.tokens = 0
         self.skipped: Tensor | None = None
 
     @property
@@ -136,12 +136,11 @@ class Gate:
         return getattr(m, GATE) * getattr(m, SCALE)
 
     def count(self, keep: Tensor) -> None:
-        n = torch.tensor(keep.numel(), device=keep.device)
-        kept = keep.sum()
-        if self.tokens is None or self.tokens.device != keep.device:
-            self.tokens, self.skipped = torch.zeros_like(n), torch.zeros_like(n)
-        self.tokens += n
-        self.skipped += n - kept
+        skipped = keep.numel() - keep.sum()  # stays on the device: no synchronisation
+        if self.skipped is None or self.skipped.device != keep.device:
+            self.tokens, self.skipped = 0, torch.zeros_like(skipped)
+        self.tokens += keep.numel()
+        self.skipped += skipped
 
     def observe(self, ratio: Tensor) -> None:
         """Update the running mean ratio ``s_l`` (training forward)."""
@@ -231,10 +230,10 @@ def token_gate_stats(model: nn.Module, *, reset: bool = False) -> dict[str, floa
         gate = vars(module).get(ATTR)
         if not isinstance(gate, Gate):
             continue
-        if gate.tokens is not None and int(gate.tokens) > 0:
-            out[f"{name}.weight" if name else "weight"] = float(gate.skipped) / float(gate.tokens)
+        if gate.skipped is not None and gate.tokens > 0:
+            out[f"{name}.weight" if name else "weight"] = float(gate.skipped) / gate.tokens
         if reset:
-            gate.tokens = gate.skipped = None
+            gate.tokens, gate.skipped = 0, None
     return out
 
 
