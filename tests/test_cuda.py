@@ -228,3 +228,29 @@ def test_forward_tasks_on_cuda(tmp_path):
             with torch.no_grad():
                 torch.testing.assert_close(out[i], backbone(x)[i], rtol=2e-2, atol=2e-2)
 
+
+
+def test_token_gate_trains_under_bf16_and_its_delta_loads_on_cuda(tmp_path):
+    dev = torch.device("cuda")
+    model = make_timm_vit(depth=2).to(dev)
+    data = [(x.to(dev), y.to(dev)) for x, y in make_batches(3, 8)]
+    selection = trpts.allocate_connections(trpts.compute_fisher(model, data, progress=False), budget=0.05)
+    handle = trpts.apply_masks(model, selection, storage="sparse", token_gate=0.5)
+    optimizer = torch.optim.AdamW(handle.param_groups(lr=1e-2, head_lr=1e-2))
+    for _ in range(10):
+        for x, y in data:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    stats = trpts.token_gate_stats(model)
+    assert stats and all(0 <= v <= 1 for v in stats.values())
+    assert all(t.device.type == "cuda" and torch.isfinite(t) for t in handle.thresholds().values())
+    model.eval()
+    x = data[0][0]
+    want = model(x)
+    path = trpts.save_delta(model, tmp_path / "gated.safetensors")
+    backbone = make_timm_vit(depth=2).to(dev).eval()
+    trpts.load_delta(backbone, path)
+    assert torch.equal(backbone(x), want)
