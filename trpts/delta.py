@@ -35,7 +35,7 @@ from .errors import FingerprintMismatchError, TrptsKeyError, TrptsRuntimeError, 
 from .gate import check_gate_module, install_fixed, remove_fixed
 from .masking import MaskHandle, SparseMaskHandle, get_mask_handle
 from .models import GENERIC, ModelAdapter, TokenAdapter, get_adapter
-from .sparse import delta_columns
+from .sparse import delta_columns, delta_matrix
 from .tokens import TokenConfig, apply_token_config, get_token_config
 
 __all__ = ["DeltaHandle", "activate_delta", "load_delta", "loaded_deltas", "merge_delta", "read_delta",
@@ -227,8 +227,7 @@ class _Bank:
             index = task.index[m].view(rows, -1)
             cols = index % fan_in
             columns, positions = delta_columns(cols)
-            change = (task.values[m] - task.base_values[m]).view(rows, -1)
-            delta = change.new_zeros(rows, columns.numel()).scatter(1, positions, change)
+            delta = delta_matrix(task.values[m] - task.base_values[m], positions, columns.numel())
             install_fixed(module, delta, columns, tau)
 
     def pretrained_values(self, name: str, flat: Tensor, current: Tensor) -> Tensor:

@@ -348,11 +348,17 @@ def _gated_forward(module: nn.Linear, x: Tensor) -> Tensor:
     """Token-gated sparse storage: ``W`` keeps its pretrained entries and the change
     ``values - original`` is applied per token through :func:`trpts.gate.gated_linear`."""
     values, original, positions = getattr(module, VALUES), getattr(module, ORIGINAL), getattr(module, POSITIONS)
-    rows = positions.shape[0]
-    change = values.view(rows, -1) - original.view(rows, -1)
-    delta = change.new_zeros(rows, getattr(module, COLUMNS).numel()).scatter(1, positions, change)
+    delta = delta_matrix(values - original, positions, getattr(module, COLUMNS).numel())
     return gated_linear(x, module.weight, module.bias, delta, getattr(module, COLUMNS), vars(module)[GATE_ATTR],
                         module.training)
+
+
+def delta_matrix(change: Tensor, positions: Tensor, width: int) -> Tensor:
+    """The change ``dW`` restricted to the columns it touches: ``[rows, width]``, zero except
+    ``change`` (``[rows * C]``, row-major) at ``positions [rows, C]`` (from :func:`delta_columns`);
+    differentiable in ``change``."""
+    rows = positions.shape[0]
+    return change.new_zeros(rows, width).scatter(1, positions, change.view(rows, -1))
 
 
 def delta_columns(index: Tensor) -> tuple[Tensor, Tensor]:
