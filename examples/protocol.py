@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -
     parser.add_argument("--budget", type=float, default=0.005, help="share of ViT weights trained")
     parser.add_argument("--share-power", type=float, default=1.0,
                         help="eq. 4's exponent: 1 = the paper (default here), 0 = trpts' default (uniform C)")
+    parser.add_argument("--train-biases", action="store_true",
+                        help="also train the masked layers' biases (trpts' recipe, with --share-power 0 "
+                             "--budget 0.004; the paper trains none)")
     parser.add_argument("--fisher-batches", type=int, default=8)
     parser.add_argument("--rho", type=float, default=0.7, help="tokens kept per reducing block")
     parser.add_argument("--token-blocks", type=int, default=3, help="reducing blocks (0: no token selection)")
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace, name: str, model: nn.Module, train_set: Datase
     fisher = trpts.compute_fisher(model, train_loader, num_batches=args.fisher_batches, progress=args.progress)
     selection = trpts.allocate_connections(fisher, budget=args.budget, model=model, share_power=args.share_power)
     del fisher
-    handle = trpts.apply_masks(model, selection)
+    handle = trpts.apply_masks(model, selection, train_biases=args.train_biases)
     if args.token_blocks:
         trpts.wrap_vit(model, selection, rho=args.rho, num_layers=args.token_blocks)
     optimizer = torch.optim.Adam(handle.param_groups(weight_decay=args.weight_decay, lr=args.lr, head_lr=args.head_lr))

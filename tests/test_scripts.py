@@ -168,13 +168,14 @@ def test_vtab_harness_on_a_generated_dataset(tmp_path):
                        "test": lines[8:]}.items():
         (root / f"{name}.txt").write_text("\n".join(part) + "\n")
     out = _run("examples/vtab.py", "--data-root", str(tmp_path / "vtab-1k"), "--dataset", "eurosat",
-               "--out", str(tmp_path / "runs"), "--head-lr", "0.01", *TINY)
+               "--out", str(tmp_path / "runs"), "--head-lr", "0.01", "--train-biases", *TINY)
     assert "eurosat: test accuracy" in out
     result = json.loads((tmp_path / "runs" / "eurosat.json").read_text())
-    assert result["settings"]["head_lr"] == 0.01
+    assert result["settings"]["head_lr"] == 0.01 and result["settings"]["train_biases"]
     assert result["eval_split"] == "test" and 0 <= result["accuracy"] <= 1 and len(result["reducing_blocks"]) == 1
-    meta, _ = trpts.read_delta(tmp_path / "runs" / "eurosat.safetensors")
+    meta, tensors = trpts.read_delta(tmp_path / "runs" / "eurosat.safetensors")
     assert meta["user"]["eval_split"] == "test"
+    assert any(k.startswith("full:blocks.") and k.endswith(".bias") for k in tensors)  # --train-biases
     bad = subprocess.run([sys.executable, "examples/vtab.py", "--data-root", str(tmp_path), "--dataset", "dtd",
                           *TINY], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "train800val200.txt not found" in bad.stderr
@@ -195,6 +196,7 @@ def test_fgvc_harness_on_a_generated_dataset(tmp_path):
     assert "CUB_200_2011: val accuracy" in out
     result = json.loads((tmp_path / "runs" / "CUB_200_2011.json").read_text())
     assert result["eval_split"] == "val" and result["trained_values"] > 0
+    assert not result["settings"]["train_biases"]
 
 
 LAUNCHERS = {
