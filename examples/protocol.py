@@ -71,8 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -
     parser.add_argument("--share-power", type=float, default=1.0,
                         help="eq. 4's exponent: 1 = the paper (default here), 0 = trpts' default (uniform C)")
     parser.add_argument("--train-biases", action="store_true",
-                        help="also train the masked layers' biases (trpts' recipe, with --share-power 0 "
-                             "--budget 0.004; the paper trains none)")
+                        help="also train the masked layers' biases (GPS does; the paper trains none)")
     parser.add_argument("--fisher-batches", type=int, default=8)
     parser.add_argument("--rho", type=float, default=0.7, help="tokens kept per reducing block")
     parser.add_argument("--token-blocks", type=int, default=3, help="reducing blocks (0: no token selection)")
