@@ -46,6 +46,7 @@ import common
 import vtab_data
 import vtab_gate
 import vtab_methods as vm
+import vtab_seeds
 from common import machine, table
 from tqdm.auto import tqdm
 
@@ -416,6 +417,7 @@ def report(args: argparse.Namespace, settings: vm.Settings, methods: list[str]) 
         "had the machine to themselves (1-minute load average <= threads + 0.5; `-`: none yet), and peak "
         "memory, median over all runs (CPU: peak RSS of the training phase, data and model included):", "",
         main_table(res, methods),
+        *(["", seeds] if (seeds := vtab_seeds.seed_report(res, methods)) else []),
         *(["", gated] if (gated := vtab_gate.gate_report(res)) else [])])
 
 

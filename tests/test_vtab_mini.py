@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import vtab_data  # noqa: E402
 import vtab_methods as vm  # noqa: E402
 import vtab_mini  # noqa: E402
+import vtab_seeds  # noqa: E402
 
 
 def _image_folder(root: Path, layout: str = "split", classes: int = 3, per_class: int = 12) -> Path:
@@ -225,3 +226,44 @@ def test_quick_run_of_every_ablation(tmp_path):
     assert "gate_skip_test" not in rows[vm.D1] and "Token gate (issue 18)" in done.stdout
     for m in ablations:
         assert m.replace("|", "\\|") in done.stdout  # the tables escape "|"
+
+
+def test_seed_report_means_per_seed_and_pairs_against_the_recipe(tmp_path):
+    """All-task means per seed on test and validation, their spread, and paired differences from
+    the recipe; a method with fewer than two complete seeds gets no row."""
+
+    class Key:
+        def key(self) -> str:
+            return "k"
+
+    head = vm.HEAD_GRID[1]
+    rows = [{**_row("a", "linear probe", lr, lr, 0, 0.9 if lr == head else 0.5), "test": 0.5}
+            for lr in vm.HEAD_GRID]
+    c2 = "default: C=2 + biases (the same count)"
+
+    def run(task, method, seed, test, val):
+        rows.append({**_row(task, method, 1e-3, head, seed, val), "test": test})
+
+    for seed in range(3):  # the recipe: test 0.80 / 0.60 on a / b, validation 0.70 on both
+        run("a", vm.D1, seed, 0.80, 0.70)
+        run("b", vm.D1, seed, 0.60, 0.70)
+    for seed, (ta, tb) in enumerate([(0.84, 0.62), (0.78, 0.64)]):  # seeds 0 and 1 complete
+        run("a", c2, seed, ta, 0.68)
+        run("b", c2, seed, tb, 0.74)
+    run("a", c2, 2, 0.99, 0.99)  # seed 2 misses task b: left out
+    run("a", "default: per-sample Fisher", 0, 0.9, 0.9)  # one seed: no row
+    run("b", "default: per-sample Fisher", 0, 0.9, 0.9)
+    path = tmp_path / "r.jsonl"
+    for r in rows:
+        vtab_mini.append_result(path, {**r, "settings": "k"})
+    res = vtab_mini.Results(argparse.Namespace(**{**vars(_args(seeds=3)), "results": path}), Key())
+    text = vtab_seeds.seed_report(res, [vm.D1, c2, "default: per-sample Fisher"])
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(lines) == {"method", vm.D1, c2}
+    assert lines[vm.D1] == ["70.00 (70.00)"] * 3 + ["70.00 ± 0.00", "70.00 ± 0.00", "reference", "reference"]
+    # c2: seed 0 (84 + 62) / 2 = 73, seed 1 (78 + 64) / 2 = 71; validation 71 on both seeds
+    # pairs against the recipe: test +4, +2, -2, +4 -> +2.00, 3 of 4 ahead; validation -2, +4 twice -> +1.00, 2 of 4
+    assert lines[c2] == ["73.00 (71.00)", "71.00 (71.00)", "-", "72.00 ± 1.41", "71.00 ± 0.00",
+                         "+2.00 (3/4)", "+1.00 (2/4)"]
+    assert vtab_seeds.seed_report(res, ["default: per-sample Fisher"]) == ""
