@@ -55,18 +55,15 @@ def seed_report(res: Any, methods: list[str]) -> str:
         seeds = complete_seeds(res, m)
         if len(seeds) < 2:
             continue
-        tests = [_mean(runs, "test") for runs in seeds.values()]
-        vals = [_mean(runs, "val") for runs in seeds.values()]
+        means = {s: {k: _mean(runs, k) for k in ("test", "val")} for s, runs in seeds.items()}
         row: dict[str, object] = {"method": m}
         for s in range(res.args.seeds):
-            row[f"seed {s}"] = f"{_pct(_mean(seeds[s], 'test'))} ({_pct(_mean(seeds[s], 'val'))})" if s in seeds else "-"
-        row["test mean ± std"] = f"{_pct(statistics.mean(tests))} ± {_pct(statistics.stdev(tests))}"
-        row["validation mean ± std"] = f"{_pct(statistics.mean(vals))} ± {_pct(statistics.stdev(vals))}"
-        if m != REFERENCE:
-            row["test − recipe (pairs ahead)"] = _paired(seeds, ref, "test")
-            row["validation − recipe (pairs ahead)"] = _paired(seeds, ref, "val")
-        else:
-            row["test − recipe (pairs ahead)"] = row["validation − recipe (pairs ahead)"] = "reference"
+            row[f"seed {s}"] = f"{_pct(means[s]['test'])} ({_pct(means[s]['val'])})" if s in means else "-"
+        for key, label in (("test", "test"), ("val", "validation")):
+            xs = [mean[key] for mean in means.values()]
+            row[f"{label} mean ± std"] = f"{_pct(statistics.mean(xs))} ± {_pct(statistics.stdev(xs))}"
+        for key, label in (("test", "test"), ("val", "validation")):
+            row[f"{label} − recipe (pairs ahead)"] = "reference" if m == REFERENCE else _paired(seeds, ref, key)
         rows.append(row)
     if not rows:
         return ""
