@@ -119,6 +119,9 @@ METHODS: dict[str, Method] = {
     "default: per-sample Fisher": _default_ablation(per_sample=True),
     "default: C=2 + biases (the same count)": _default_ablation(biases=True, budget=0.0039),
     "default: rho 0.5": _default_ablation(rho=0.5),
+    # the issue's "number of reducing blocks": twice the run's (3 -> 6 of 12 blocks), and none
+    "default: twice the reducing blocks": _default_ablation(blocks_scale=2),
+    "default: no tokens": Method("trpts", (), {"share_power": 0.0}, D1, every_task=True, lr=1e-3),
     # issue 18: the same selection with TS-PEFT's token gate (target: half the token updates skipped)
     "default + token gate (skip 0.5)": _default_ablation(gate=0.5),
     "default + token gate (skip 0.25)": _default_ablation(gate=0.25),
@@ -320,7 +323,8 @@ def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer 
         handle = trpts.apply_masks(model, selection, train_biases=bool(opts.get("biases")), storage="sparse",
                                    token_gate=opts.get("gate"))
         if "placement" in opts:
-            trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=s.token_blocks,
+            blocks = s.token_blocks * opts.get("blocks_scale", 1)
+            trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=blocks,
                            placement=opts["placement"], seed=run.seed, score=opts.get("token_score", "auto"),
                            layers=sparse_layers(selection, s.token_blocks, opts["ties"]) if "ties" in opts else None)
             info["token_layers"] = list(trpts.get_token_config(model).layers)

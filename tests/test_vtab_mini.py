@@ -217,6 +217,8 @@ def test_quick_run_of_every_ablation(tmp_path):
     assert trained["ablation: budget 0.69% (LoRA's count)"] >= trained[vm.PT]
     assert rows["ablation: rho 0.5"]["token_layers"] == rows[vm.PT]["token_layers"]
     assert "token_layers" in rows[vm.P0] and "token_layers" not in rows["share_power 0: no tokens"]
+    assert "token_layers" not in rows["default: no tokens"]
+    assert len(rows["default: twice the reducing blocks"]["token_layers"]) == 2 * len(rows[vm.P0]["token_layers"])
     gps_fisher = "share_power 0: + biases, no tokens (GPS-style with Fisher scores)"
     assert trained[gps_fisher] > trained["share_power 0: no tokens"] == trained[vm.P0]
     gated = rows["default + token gate (skip 0.5)"]
