@@ -5,6 +5,7 @@ overlap of selections between tasks) drawn from the real tasks with the library'
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import vtab_data
@@ -22,10 +23,12 @@ def plot_accuracy_vs_trained(points: dict[str, tuple[float, float]], title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colours = plt.get_cmap("tab20")  # ten hues dark, then the same ten light: no two alike up to 20
     for i, (name, (trained, acc)) in enumerate(sorted(points.items(), key=lambda kv: kv[1][0])):
         marker = "*" if name.startswith("TR-PTS") else "o"
-        ax.scatter([trained], [acc], s=140 if marker == "*" else 50, marker=marker, color=f"C{i % 10}", label=name)
+        colour = colours((2 * i + i // 10) % 20)
+        ax.scatter([trained], [acc], s=140 if marker == "*" else 50, marker=marker, color=colour, label=name)
     if not points:
         ax.text(0.5, 0.5, "not measured yet", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -33,7 +36,7 @@ def plot_accuracy_vs_trained(points: dict[str, tuple[float, float]], title: str,
         ax.legend(fontsize="x-small", loc="best")
     ax.set_xlabel("trained values (% of the model)")
     ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title(title, fontsize="small")
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.splitlines()), fontsize="small")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -58,6 +58,7 @@ DEFAULT_TASKS = ("cifar10", "digits", "texture", "location", "orientation", "cou
 PRIORITY = ("linear probe", "LoRA r=8 (qkv, peft)", "TR-PTS params + tokens", "TR-PTS params", "GPS-style",
             "full fine-tuning", "BitFit", "TR-PTS tokens only", "TR-PTS params + tokens (dense)",
             "TR-PTS params + tokens (random)")
+LABELS = {vm.D1: "TR-PTS params + tokens: the library's recipe"}  # figure legend names
 BEGIN, END = "<!-- vtab_mini:begin -->", "<!-- vtab_mini:end -->"
 QUICK_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
 
@@ -328,7 +329,7 @@ class Results:
     """The runs of one configuration, looked up the way the protocol chooses them."""
 
     def __init__(self, args: argparse.Namespace, settings: vm.Settings):
-        self.args, self.rows = args, load_results(args.results, settings.key())
+        self.args, self.settings, self.rows = args, settings, load_results(args.results, settings.key())
         self.by = {run_id(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"]): r for r in self.rows}
         self.head_lr = head_rate(self.rows, args)
 
@@ -359,10 +360,6 @@ class Results:
         return {"trained": mine[0]["trained"], "fraction": statistics.median(r["trained"] / r["total"] for r in mine),
                 "train_s": statistics.median(alone) if alone else None,
                 "peak_mib": statistics.median(peaks) if peaks else None}
-
-    def complete_tasks(self, methods: list[str]) -> list[str]:
-        """Tasks on which every one of ``methods`` has at least one final run."""
-        return [t for t in self.args.tasks if all(self.tests(m, t) for m in methods)]
 
 
 def grid_table(res: Results, methods: list[str]) -> str:
@@ -421,15 +418,20 @@ def report(args: argparse.Namespace, settings: vm.Settings, methods: list[str]) 
         *(["", gated] if (gated := vtab_gate.gate_report(res)) else [])])
 
 
-def figure_points(args: argparse.Namespace, settings: vm.Settings, methods: list[str]) -> tuple[dict, str]:
-    """``{method: (trained %, mean test %)}`` over the tasks every plotted method has, and a title."""
-    res = Results(args, settings)
-    measured = [m for m in methods if any(res.tests(m, t) for t in args.tasks)]
-    tasks = res.complete_tasks(measured)
-    points = {m: (100 * res.cost(m)["fraction"], 100 * statistics.mean(statistics.mean(res.tests(m, t))
-                                                                        for t in tasks))
-              for m in measured} if tasks else {}
-    return points, f"mean over {', '.join(tasks) or 'no task yet'} ({settings.img_size} px, {settings.epochs} epochs)"
+def figure_points(res: Results, methods: list[str]) -> tuple[dict[str, tuple[float, float]], str]:
+    """``{method: (trained %, mean test %)}`` for the methods with a final run on every task
+    (the mean over tasks of each task's mean over seeds), and a title that names the methods
+    left out because some task has no run yet."""
+    measured = [m for m in methods if any(res.tests(m, t) for t in res.args.tasks)]
+    complete = [m for m in measured if all(res.tests(m, t) for t in res.args.tasks)]
+    points = {LABELS.get(m, m): (100 * res.cost(m)["fraction"],
+                  100 * statistics.mean(statistics.mean(res.tests(m, t)) for t in res.args.tasks))
+              for m in complete}
+    s = res.settings
+    title = f"mean over {len(res.args.tasks)} tasks ({s.img_size} px, {s.epochs} epochs)"
+    if left := [m for m in measured if m not in complete]:
+        title += "\nnot on every task yet: " + ", ".join(left)
+    return points, title
 
 
 def _ratio(cost: dict[str, float] | None, base: dict[str, float] | None, key: str) -> str:
@@ -475,8 +477,8 @@ def main(argv: list[str] | None = None) -> str | None:
     if args.figure:
         import vtab_figures
 
-        main = [m for m in shown if not vm.METHODS[m].base]  # ablations stay in the table
-        vtab_figures.plot_accuracy_vs_trained(*figure_points(args, settings, main), args.figure)
+        main = [m for m in shown if not vm.METHODS[m].base or m == vm.D1]  # ablations stay in the table
+        vtab_figures.plot_accuracy_vs_trained(*figure_points(Results(args, settings), main), args.figure)
     if args.paper_figures:
         import vtab_figures
 

@@ -17,6 +17,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import vtab_data  # noqa: E402
+import vtab_figures  # noqa: E402
 import vtab_methods as vm  # noqa: E402
 import vtab_mini  # noqa: E402
 import vtab_seeds  # noqa: E402
@@ -269,3 +270,39 @@ def test_seed_report_means_per_seed_and_pairs_against_the_recipe(tmp_path):
     assert lines[c2] == ["73.00 (71.00)", "71.00 (71.00)", "-", "72.00 ± 1.41", "71.00 ± 0.00",
                          "+2.00 (3/4)", "+1.00 (2/4)"]
     assert vtab_seeds.seed_report(res, ["default: per-sample Fisher"]) == ""
+
+
+def test_figure_points_average_every_task_and_name_the_methods_left_out(tmp_path):
+    """The paper's Figure 1 from the results file: a method is a point only with a final run on
+    every task, at the mean over tasks of each task's mean over seeds; the library's recipe is
+    labelled as such; a method missing a task is named in the title, not drawn."""
+    head = vm.HEAD_GRID[1]
+    rows = [{**_row("a", "linear probe", lr, lr, 0, 0.9 if lr == head else 0.5), "test": 0.5, "trained": 10,
+             "total": 10_000} for lr in vm.HEAD_GRID]
+    rows += [{**r, "task": "b", "test": 0.7} for r in rows]  # the probe on task b too: it is complete
+
+    def run(task, method, seed, test, trained=100):
+        rows.append({**_row(task, method, 1e-3, head, seed, 0.5), "test": test, "trained": trained,
+                     "total": 10_000})
+
+    run("a", vm.D1, 0, 0.80)
+    run("a", vm.D1, 1, 0.70)  # task a: mean over seeds 75
+    run("b", vm.D1, 0, 0.55)  # task b: 55 -> point (1 %, 65)
+    run("a", "default: per-sample Fisher", 0, 0.9)  # no run on task b: left out
+    settings = vm.Settings(model="m", weights=None, img_size=32, epochs=1, batch_size=8, sizes=(8, 4, 4),
+                           budget=0.005, rho=0.7, token_blocks=1, fisher_batches=1)
+    path = tmp_path / "r.jsonl"
+    for r in rows:
+        vtab_mini.append_result(path, {**r, "settings": settings.key(), "threads": 2, "load": 1.0,
+                                       "peak_mib": 1.0, "train_s": 1.0})
+    args = argparse.Namespace(**{**vars(_args(seeds=3)), "results": path})
+    points, title = vtab_mini.figure_points(vtab_mini.Results(args, settings),
+                                            ["linear probe", vm.D1, "default: per-sample Fisher"])
+    recipe = vtab_mini.LABELS[vm.D1]
+    assert set(points) == {"linear probe", recipe}
+    assert points[recipe] == pytest.approx((1.0, 65.0))
+    assert points["linear probe"][1] == pytest.approx(100 * (0.5 + 0.7) / 2)
+    assert title.startswith("mean over 2 tasks (32 px, 1 epochs)")
+    assert title.endswith("not on every task yet: default: per-sample Fisher")
+    out = vtab_figures.plot_accuracy_vs_trained(points, title, tmp_path / "fig.png")
+    assert out.stat().st_size > 0
