@@ -196,6 +196,21 @@ def test_ablations_run_at_their_base_methods_rate_without_a_grid():
     assert todo[1:] == [("b", vm.PT, vm.SPARSE_GRID[1], vm.HEAD_GRID[1], 0)]
 
 
+def test_fisher_batches_are_the_runs_count_or_the_methods_own():
+    settings = vm.Settings(model="vit_tiny_patch16_224", weights=None, img_size=32, epochs=1, batch_size=8,
+                           sizes=(20, 4, 4), budget=0.005, rho=0.7, token_blocks=1, fisher_batches=2,
+                           model_kwargs=vtab_mini.QUICK_MODEL)
+    model = vm.build_model(settings, 3, 0)
+    task = {"train": (torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.arange(20) % 3)}
+
+    def sizes(method: str) -> list[int]:
+        run = vm.Run(vm.METHODS[method], settings, 1e-3, 1e-2, 0, task, 3)
+        return [len(y) for _, y in vm.fisher_batches(model, run)]
+
+    assert sizes(vm.D1) == [8, 8]
+    assert sizes("default: Fisher on every training batch") == [8, 8, 4]
+
+
 def test_quick_run_of_every_ablation(tmp_path):
     ablations = [m for m, method in vm.METHODS.items() if method.base]
     results = tmp_path / "r.jsonl"
