@@ -425,7 +425,7 @@ def figure_points(res: Results, methods: list[str]) -> tuple[dict[str, tuple[flo
     measured = [m for m in methods if any(res.tests(m, t) for t in res.args.tasks)]
     complete = [m for m in measured if all(res.tests(m, t) for t in res.args.tasks)]
     points = {LABELS.get(m, m): (100 * res.cost(m)["fraction"],
-                  100 * statistics.mean(statistics.mean(res.tests(m, t)) for t in res.args.tasks))
+                                 100 * statistics.mean(statistics.mean(res.tests(m, t)) for t in res.args.tasks))
               for m in complete}
     s = res.settings
     title = f"mean over {len(res.args.tasks)} tasks ({s.img_size} px, {s.epochs} epochs)"
