@@ -331,7 +331,7 @@ def setup(model: nn.Module, run: Run) -> tuple[nn.Module, torch.optim.Optimizer 
             blocks = s.token_blocks * opts.get("blocks_scale", 1)
             trpts.wrap_vit(model, selection, rho=opts.get("rho", s.rho), num_layers=blocks,
                            placement=opts["placement"], seed=run.seed, score=opts.get("token_score", "auto"),
-                           layers=sparse_layers(selection, s.token_blocks, opts["ties"]) if "ties" in opts else None)
+                           layers=sparse_layers(selection, blocks, opts["ties"]) if "ties" in opts else None)
             info["token_layers"] = list(trpts.get_token_config(model).layers)
     info["block_counts"] = {str(k): v for k, v in selection.block_counts.items()}
     if opts.get("gate") is not None:  # eq. 3's Fisher share per weight, to compare with the learned skip shares

@@ -58,7 +58,7 @@ DEFAULT_TASKS = ("cifar10", "digits", "texture", "location", "orientation", "cou
 PRIORITY = ("linear probe", "LoRA r=8 (qkv, peft)", "TR-PTS params + tokens", "TR-PTS params", "GPS-style",
             "full fine-tuning", "BitFit", "TR-PTS tokens only", "TR-PTS params + tokens (dense)",
             "TR-PTS params + tokens (random)")
-LABELS = {vm.D1: "TR-PTS params + tokens: the library's recipe"}  # figure legend names
+LABELS = {vm.D1: "TR-PTS params + tokens: the library's recipe"}  # rows the figure plots beside the main ones
 BEGIN, END = "<!-- vtab_mini:begin -->", "<!-- vtab_mini:end -->"
 QUICK_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
 
@@ -422,14 +422,13 @@ def figure_points(res: Results, methods: list[str]) -> tuple[dict[str, tuple[flo
     """``{method: (trained %, mean test %)}`` for the methods with a final run on every task
     (the mean over tasks of each task's mean over seeds), and a title that names the methods
     left out because some task has no run yet."""
-    measured = [m for m in methods if any(res.tests(m, t) for t in res.args.tasks)]
-    complete = [m for m in measured if all(res.tests(m, t) for t in res.args.tasks)]
-    points = {LABELS.get(m, m): (100 * res.cost(m)["fraction"],
-                                 100 * statistics.mean(statistics.mean(res.tests(m, t)) for t in res.args.tasks))
+    tests = {m: [res.tests(m, t) for t in res.args.tasks] for m in methods}
+    complete = [m for m in methods if all(tests[m])]
+    points = {LABELS.get(m, m): (100 * res.cost(m)["fraction"], 100 * statistics.mean(map(statistics.mean, tests[m])))
               for m in complete}
     s = res.settings
     title = f"mean over {len(res.args.tasks)} tasks ({s.img_size} px, {s.epochs} epochs)"
-    if left := [m for m in measured if m not in complete]:
+    if left := [m for m in methods if any(tests[m]) and m not in complete]:
         title += "\nnot on every task yet: " + ", ".join(left)
     return points, title
 
@@ -477,7 +476,7 @@ def main(argv: list[str] | None = None) -> str | None:
     if args.figure:
         import vtab_figures
 
-        main = [m for m in shown if not vm.METHODS[m].base or m == vm.D1]  # ablations stay in the table
+        main = [m for m in shown if not vm.METHODS[m].base or m in LABELS]  # other ablations stay in the table
         vtab_figures.plot_accuracy_vs_trained(*figure_points(Results(args, settings), main), args.figure)
     if args.paper_figures:
         import vtab_figures
